@@ -1,0 +1,118 @@
+"""Backend / dtype fixtures, eps-derived tolerances and hypothesis profiles.
+
+Backends come from ``MACCORE_TEST_BACKENDS`` (comma separated; default: all of
+numpy, array_api_strict, torch, jax.numpy, cupy). A backend that is not installed, or cupy without a
+GPU, is skipped with a reason; an unknown name is an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax.numpy", "cupy")
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _selected_backends():
+    raw = os.environ.get("MACCORE_TEST_BACKENDS")
+    names = ALL_BACKENDS if not raw else tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = [n for n in names if n not in ALL_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"MACCORE_TEST_BACKENDS: unknown backends {unknown}; know {ALL_BACKENDS}")
+    return names
+
+
+def load_backend(name: str):
+    """Return the array_api_compat-wrapped namespace of backend ``name`` or skip."""
+    import array_api_compat
+
+    if name == "numpy":
+        return array_api_compat.array_namespace(np.empty(0))
+    if name == "array_api_strict":
+        strict = pytest.importorskip("array_api_strict")
+        return strict
+    if name == "torch":
+        torch = pytest.importorskip("torch")
+        return array_api_compat.array_namespace(torch.empty(0))
+    if name == "jax.numpy":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return array_api_compat.array_namespace(jnp.empty(0))
+    if name == "cupy":
+        cupy = pytest.importorskip("cupy")
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                pytest.skip("cupy: no CUDA device")
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            pytest.skip(f"cupy: no usable CUDA device ({exc})")
+        return array_api_compat.array_namespace(cupy.empty(0))
+    raise AssertionError(name)
+
+
+@pytest.fixture(params=_selected_backends())
+def xp(request):
+    return load_backend(request.param)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request, xp):
+    return getattr(xp, request.param)
+
+
+def tol(xp, dtype, factor: float = 1.0) -> dict:
+    """rtol/atol derived from the dtype: 4·sqrt(eps) for float32-ish, a tighter 1e3·eps for float64."""
+    eps = float(xp.finfo(dtype).eps)
+    r = factor * (1e3 * eps if eps < 1e-10 else 4 * eps**0.5)
+    return {"rtol": r, "atol": r}
+
+
+def to_numpy(x) -> np.ndarray:
+    """Any backend array to a float64 numpy array (via DLPack-free paths)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return x.detach().cpu().to(dtype=__import__("torch").float64).numpy()
+    if mod.startswith("cupy"):
+        return x.get().astype(np.float64)
+    if "array_api_strict" in mod:
+        return np.asarray(x._array, dtype=np.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
+def asarray(xp, a, dtype=None):
+    """numpy data → backend array; floating data gets ``dtype`` (default float64)."""
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        return xp.asarray(a.astype(np.float64), dtype=xp.float64 if dtype is None else dtype)
+    return xp.asarray(a)
+
+
+def assert_close(actual, desired, *, rtol, atol, err_msg=""):
+    """Compare after conversion to float64 numpy; report the worst entries on failure."""
+    a = to_numpy(actual)
+    d = to_numpy(desired) if not isinstance(desired, np.ndarray) else np.asarray(desired, dtype=np.float64)
+    assert a.shape == d.shape, f"shape {a.shape} != {d.shape} {err_msg}"
+    scale = max(1.0, float(np.max(np.abs(d)))) if d.size else 1.0
+    np.testing.assert_allclose(a, d, rtol=rtol, atol=atol * scale, err_msg=err_msg)
