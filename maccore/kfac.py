@@ -1,0 +1,308 @@
+"""Exact KFAC, the verification reference (MATH.md §1.4–1.6, canonical split).
+
+    A = E_rows[x̃ x̃ᵀ]                 (plain mean; independent of N and loss reduction)
+    G = (1/R) Σ_rows gᵃ gᵃᵀ            (autograd gradients of L = R·Σ terms; R explicit)
+    KFAC(vec_r W̃) = G ⊗ A,   natural gradient  G⁻¹ ∇W̃ A⁻¹
+
+Damping modes of :func:`kfac_apply`:
+    ``"tikhonov"``  (G + λ_G I)⁻¹ ∇W̃ (A + λ_A I)⁻¹ with λ_A = λ_G = λ (or a pair ``(λ_G, λ_A)``)
+    ``"pi"``        factored Tikhonov: π = sqrt((tr A/d_A)/(tr G/d_G)), λ_A = π√λ, λ_G = √λ/π
+                    (π = 1 when either trace is 0, so λ_A λ_G = λ always holds)
+    ``"exact"``     (G ⊗ A + λ I)⁻¹ via eigendecompositions of A and G
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import array_api_extra as xpx
+
+from maccore._typing import Preconditioner
+from maccore._xp import (
+    Array,
+    check_damping,
+    check_ndim,
+    device_of,
+    namespace,
+    shape_str,
+    to_stats,
+)
+from maccore.ema import EmaState, ema_debiased, ema_init, ema_update
+
+__all__ = [
+    "KFAC_MODES",
+    "KfacState",
+    "input_factor",
+    "gradient_factor",
+    "pi_dampings",
+    "damped_inverse",
+    "kfac_apply",
+    "kfac_dense",
+    "kfac",
+]
+
+KFAC_MODES = ("tikhonov", "pi", "exact")
+
+
+class DecompositionError(RuntimeError):
+    """A factor could not be inverted or eigendecomposed, even after the float64 retry."""
+
+
+def input_factor(rows: Array) -> Array:
+    """A = E_rows[x̃ x̃ᵀ] = rowsᵀ rows / R → ``[d̃, d̃]`` in the statistics dtype."""
+    xp = namespace(rows=rows, where="input_factor")
+    check_ndim(rows, 2, "rows", "input_factor")
+    if rows.shape[0] == 0:
+        raise ValueError("input_factor: 'rows' has no rows (shape [0, ...])")
+    r = to_stats(xp, rows)
+    return (xp.matrix_transpose(r) @ r) / r.shape[0]
+
+
+def gradient_factor(grad_rows: Array, *, reduction_factor: float) -> Array:
+    """G = (1/R) Σ_rows g gᵀ for autograd gradients of L = R·Σ(terms) (MATH.md §1.2, §1.4, T2).
+
+    Examples: mean-reduced CE over N samples → R = 1/N; summed MSE → R = 2. For type-II vectors that
+    already carry √R, pass ``reduction_factor=1``.
+    """
+    xp = namespace(grad_rows=grad_rows, where="gradient_factor")
+    check_ndim(grad_rows, 2, "grad_rows", "gradient_factor")
+    check_damping(reduction_factor, "reduction_factor", "gradient_factor")
+    g = to_stats(xp, grad_rows)
+    return (xp.matrix_transpose(g) @ g) / reduction_factor
+
+
+def _check_factor(m: Array, name: str, where: str) -> None:
+    check_ndim(m, 2, name, where)
+    if m.shape[0] != m.shape[1]:
+        raise ValueError(f"{where}: factor {name!r} must be square, got shape {shape_str(m)}")
+
+
+def pi_dampings(A: Array, G: Array, damping: Any) -> tuple[Array, Array]:
+    """(λ_A, λ_G) of factored Tikhonov (π-) damping with λ_A·λ_G = λ (MATH.md §1.5, T16)."""
+    xp = namespace(A=A, G=G, where="pi_dampings")
+    ta = xp.sum(xp.linalg.diagonal(A)) / A.shape[0]
+    tg = xp.sum(xp.linalg.diagonal(G)) / G.shape[0]
+    ok = xp.logical_and(ta > 0, tg > 0)
+    one = xp.ones_like(ta)
+    pi = xp.sqrt(xp.where(ok, ta, one) / xp.where(ok, tg, one))
+    root = math.sqrt(damping)
+    return pi * root, root / pi
+
+
+def _eye_like(xp: Any, m: Array) -> Array:
+    return xp.eye(m.shape[0], dtype=m.dtype, device=device_of(m))
+
+
+def _finite(xp: Any, x: Array) -> bool:
+    try:
+        return bool(xp.all(xp.isfinite(x)))
+    except Exception:  # traced values (jax.jit): cannot inspect, trust the result
+        return True
+
+
+def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
+    """``(M + λI)⁻¹`` of a symmetric PSD factor, symmetrised, in M's dtype (≥ float32).
+
+    Numerical policy: if the inverse fails or is non-finite in float32 it is retried in float64;
+    if that fails too a :class:`DecompositionError` names the factor.
+    """
+    xp = namespace(M=M, where="damped_inverse")
+    _check_factor(M, name, "damped_inverse")
+    Ms = to_stats(xp, M)
+
+    def attempt(x: Array) -> Array | None:
+        try:
+            inv = xp.linalg.inv(x + damping * _eye_like(xp, x))
+        except Exception:
+            return None
+        inv = (inv + xp.matrix_transpose(inv)) / 2
+        return inv if _finite(xp, inv) else None
+
+    inv = attempt(Ms)
+    if inv is None and Ms.dtype != xp.float64:
+        inv64 = attempt(xp.astype(Ms, xp.float64))
+        inv = None if inv64 is None else xp.astype(inv64, Ms.dtype)
+    if inv is None:
+        raise DecompositionError(
+            f"damped_inverse: could not invert {name} of shape {shape_str(M)} with damping {damping!r} "
+            "(also failed in float64; check the statistics for NaN/Inf)"
+        )
+    return inv
+
+
+def _eigh(xp: Any, M: Array, name: str) -> tuple[Array, Array]:
+    """Eigendecomposition with the float64 retry; negative round-off eigenvalues clamp to 0."""
+
+    def attempt(x):
+        try:
+            w, q = xp.linalg.eigh((x + xp.matrix_transpose(x)) / 2)
+        except Exception:
+            return None
+        return (w, q) if _finite(xp, w) and _finite(xp, q) else None
+
+    out = attempt(M)
+    if out is None and M.dtype != xp.float64:
+        out64 = attempt(xp.astype(M, xp.float64))
+        out = None if out64 is None else (xp.astype(out64[0], M.dtype), xp.astype(out64[1], M.dtype))
+    if out is None:
+        raise DecompositionError(f"eigh failed for {name} of shape {shape_str(M)} (also in float64)")
+    w, q = out
+    return xp.maximum(w, xp.zeros_like(w)), q
+
+
+def _split_damping(xp: Any, A: Array, G: Array, damping: Any, mode: str) -> tuple[Any, Any]:
+    if mode == "tikhonov":
+        if isinstance(damping, tuple):
+            return damping[1], damping[0]
+        return damping, damping
+    if isinstance(damping, tuple):
+        raise ValueError(f"kfac: a (λ_G, λ_A) damping pair is only meaningful in mode 'tikhonov', not {mode!r}")
+    return pi_dampings(A, G, damping)
+
+
+def _check_apply_args(grad_mat, A, G, damping, mode, where):
+    xp = namespace(grad_mat=grad_mat, A=A, G=G, where=where)
+    check_ndim(grad_mat, 2, "grad_mat", where)
+    _check_factor(A, "A", where)
+    _check_factor(G, "G", where)
+    check_damping(damping, "damping", where)
+    if mode not in KFAC_MODES:
+        raise ValueError(f"{where}: mode must be one of {KFAC_MODES}, got {mode!r}")
+    d_out, d_t = grad_mat.shape
+    if A.shape[0] != d_t or G.shape[0] != d_out:
+        raise ValueError(
+            f"{where}: 'grad_mat' of shape {shape_str(grad_mat)} needs A [{d_t}, {d_t}] and "
+            f"G [{d_out}, {d_out}], got A {shape_str(A)} and G {shape_str(G)}"
+        )
+    return xp
+
+
+def kfac_apply(grad_mat: Array, A: Array, G: Array, damping: Any, *, mode: str = "tikhonov") -> Array:
+    """Precondition ``grad_mat [d_out, d̃]`` with the damped inverse of ``G ⊗ A`` (see module doc)."""
+    where = "kfac_apply"
+    xp = _check_apply_args(grad_mat, A, G, damping, mode, where)
+    g = to_stats(xp, grad_mat)
+    As, Gs = to_stats(xp, A, g.dtype), to_stats(xp, G, g.dtype)
+    if mode == "exact":
+        wa, qa = _eigh(xp, As, "A")
+        wg, qg = _eigh(xp, Gs, "G")
+        u = _exact_apply(xp, g, qa, wa, qg, wg, damping)
+    else:
+        la, lg = _split_damping(xp, As, Gs, damping, mode)
+        u = damped_inverse(Gs, lg, name="G") @ g @ damped_inverse(As, la, name="A")
+    return u if u.dtype == grad_mat.dtype else xp.astype(u, grad_mat.dtype)
+
+
+def _exact_apply(xp, g, qa, wa, qg, wg, damping):
+    rot = xp.matrix_transpose(qg) @ g @ qa
+    denom = xp.reshape(wg, (-1, 1)) * xp.reshape(wa, (1, -1)) + damping
+    return qg @ (rot / denom) @ xp.matrix_transpose(qa)
+
+
+def kfac_dense(A: Array, G: Array) -> Array:
+    """``G ⊗ A``: the row-major-vec KFAC matrix (small sizes, verification only)."""
+    xp = namespace(A=A, G=G, where="kfac_dense")
+    _check_factor(A, "A", "kfac_dense")
+    _check_factor(G, "G", "kfac_dense")
+    return xpx.kron(G, A, xp=xp)
+
+
+class KfacState(NamedTuple):
+    """Per-layer KFAC state: EMAs of A and G and the cache built by ``refresh``.
+
+    Modes ``tikhonov``/``pi``: ``a_inv``/``g_inv`` are the damped inverses and the ``*_evals`` are
+    ``None``. Mode ``exact``: ``a_inv``/``g_inv`` hold the eigenvectors and ``a_evals``/``g_evals``
+    the eigenvalues.
+    """
+
+    a: EmaState
+    g: EmaState
+    a_inv: Array
+    g_inv: Array
+    a_evals: Array | None = None
+    g_evals: Array | None = None
+
+
+def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") -> Preconditioner:
+    """The stateful exact-KFAC preconditioner of one layer.
+
+    ``init(d_tilde, d_out, *, xp, dtype=None, device=None)``;
+    ``update(state, rows=None, grad_rows=None, *, reduction_factor=None, A=None, G=None)``
+    folds one batch's factors (from rows, or precomputed) into the EMAs;
+    ``refresh`` debiases the EMAs and rebuilds the inverses/eigenbases; ``apply(state, grad_mat)``;
+    ``to_dense(state)`` is the damped dense curvature whose inverse ``apply`` multiplies with.
+    """
+    check_damping(damping, "damping", "kfac")
+    if mode not in KFAC_MODES:
+        raise ValueError(f"kfac: mode must be one of {KFAC_MODES}, got {mode!r}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"kfac: decay must be in [0, 1), got {decay!r}")
+
+    def init(d_tilde: int, d_out: int, *, xp: Any, dtype: Any = None, device: Any = None) -> KfacState:
+        dtype = xp.float32 if dtype is None or dtype != xp.float64 else xp.float64
+        a = ema_init((d_tilde, d_tilde), xp=xp, dtype=dtype, device=device)
+        g = ema_init((d_out, d_out), xp=xp, dtype=dtype, device=device)
+        ia = xp.eye(d_tilde, dtype=dtype, device=device)
+        ig = xp.eye(d_out, dtype=dtype, device=device)
+        if mode == "exact":
+            return KfacState(a, g, ia, ig, xp.zeros((d_tilde,), dtype=dtype, device=device),
+                             xp.zeros((d_out,), dtype=dtype, device=device))
+        return KfacState(a, g, ia, ig)
+
+    def update(state: KfacState, rows: Array | None = None, grad_rows: Array | None = None, *,
+               reduction_factor: float | None = None, A: Array | None = None, G: Array | None = None) -> KfacState:
+        if A is None:
+            if rows is None:
+                raise ValueError("kfac.update: give 'rows' or 'A'")
+            A = input_factor(rows)
+        if G is None:
+            if grad_rows is None or reduction_factor is None:
+                raise ValueError("kfac.update: give 'grad_rows' with 'reduction_factor', or 'G'")
+            G = gradient_factor(grad_rows, reduction_factor=reduction_factor)
+        for name, new, ema in (("A", A, state.a), ("G", G, state.g)):
+            if tuple(new.shape) != tuple(ema.value.shape):
+                raise ValueError(
+                    f"kfac.update: batch factor {name} of shape {shape_str(new)} does not match the "
+                    f"running factor of shape {shape_str(ema.value)}"
+                )
+        return state._replace(a=ema_update(state.a, A, decay=decay), g=ema_update(state.g, G, decay=decay))
+
+    def refresh(state: KfacState) -> KfacState:
+        xp = namespace(a=state.a.value, where="kfac.refresh")
+        A = ema_debiased(state.a, decay=decay)
+        G = ema_debiased(state.g, decay=decay)
+        if mode == "exact":
+            wa, qa = _eigh(xp, A, "A")
+            wg, qg = _eigh(xp, G, "G")
+            return state._replace(a_inv=qa, g_inv=qg, a_evals=wa, g_evals=wg)
+        la, lg = _split_damping(xp, A, G, damping, mode)
+        return state._replace(a_inv=damped_inverse(A, la, name="A"), g_inv=damped_inverse(G, lg, name="G"))
+
+    def apply(state: KfacState, grad_mat: Array) -> Array:
+        xp = namespace(grad_mat=grad_mat, a_inv=state.a_inv, where="kfac.apply")
+        check_ndim(grad_mat, 2, "grad_mat", "kfac.apply")
+        if tuple(grad_mat.shape) != (state.g_inv.shape[0], state.a_inv.shape[0]):
+            raise ValueError(
+                f"kfac.apply: 'grad_mat' of shape {shape_str(grad_mat)} does not match the layer's "
+                f"factors ([{state.g_inv.shape[0]}, {state.a_inv.shape[0]}])"
+            )
+        g = to_stats(xp, grad_mat, state.a_inv.dtype)
+        if mode == "exact":
+            u = _exact_apply(xp, g, state.a_inv, state.a_evals, state.g_inv, state.g_evals, damping)
+        else:
+            u = state.g_inv @ g @ state.a_inv
+        return u if u.dtype == grad_mat.dtype else xp.astype(u, grad_mat.dtype)
+
+    def to_dense(state: KfacState, d_out: int | None = None) -> Array:
+        del d_out  # implied by the factors
+        xp = namespace(a=state.a.value, where="kfac.to_dense")
+        A = ema_debiased(state.a, decay=decay)
+        G = ema_debiased(state.g, decay=decay)
+        if mode == "exact":
+            n = A.shape[0] * G.shape[0]
+            return kfac_dense(A, G) + damping * xp.eye(n, dtype=A.dtype, device=device_of(A))
+        la, lg = _split_damping(xp, A, G, damping, mode)
+        return kfac_dense(A + la * _eye_like(xp, A), G + lg * _eye_like(xp, G))
+
+    return Preconditioner(init, update, refresh, apply, to_dense)

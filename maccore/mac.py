@@ -1,0 +1,344 @@
+"""MAC: mean-activation rank-1 input factor with damped Sherman–Morrison inverse (MATH.md §3).
+
+Row-major: the MAC curvature of a layer is ``F = I_{d_out} ⊗ (āāᵀ + λI)`` and its inverse is applied
+in rank-1 form, never forming a d̃×d̃ matrix (T19):
+
+    reference scale:  U = G − (G â) âᵀ / (λ + âᵀâ)      (= λ · G (ââᵀ + λI)⁻¹, the published code)
+    inverse scale:    U = G (ââᵀ + λI)⁻¹ = reference / λ
+
+SMAC multiplies from the left by ``diag(1 / (ẑ + λ))`` with ẑ a running diagonal of the gradient
+factor. For a fused qkv projection the V rows use the attention-weighted mean (§3.5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_extra as xpx
+from typing import Any, NamedTuple
+
+from maccore import _delegate
+from maccore._typing import Preconditioner
+from maccore._xp import (
+    Array,
+    check_damping,
+    check_ndim,
+    device_of,
+    namespace,
+    shape_str,
+    stats_dtype,
+    to_stats,
+)
+from maccore.ema import EmaState, ema_debiased, ema_init, ema_update
+
+__all__ = [
+    "MacState",
+    "mean_activation",
+    "gradient_diagonal",
+    "attention_probs",
+    "split_qkv",
+    "attention_weighted_mean",
+    "mac_apply",
+    "mac",
+    "MAC_SCALES",
+]
+
+MAC_SCALES = ("reference", "inverse")
+
+
+def mean_activation(rows: Array) -> Array:
+    """ā = mean of the input rows ``[R, d̃]`` → ``[d̃]`` in the statistics dtype (≥ float32)."""
+    xp = namespace(rows=rows, where="mean_activation")
+    check_ndim(rows, 2, "rows", "mean_activation")
+    if rows.shape[0] == 0:
+        raise ValueError("mean_activation: 'rows' has no rows (shape [0, ...])")
+    return xp.mean(to_stats(xp, rows), axis=0)
+
+
+def gradient_diagonal(grad_rows: Array, *, reduction_factor: float | None = None) -> Array:
+    """Diagonal gradient factor ``z`` for SMAC from output-gradient rows ``[R, d_out]``.
+
+    ``reduction_factor=None``: ``E_rows[g ⊙ g]`` (the published SMAC statistic); otherwise the
+    canonical ``diag(G) = (1/R) Σ_rows g ⊙ g`` (MATH.md §3.7 remark (i)).
+    """
+    xp = namespace(grad_rows=grad_rows, where="gradient_diagonal")
+    check_ndim(grad_rows, 2, "grad_rows", "gradient_diagonal")
+    g = to_stats(xp, grad_rows)
+    if reduction_factor is None:
+        return xp.mean(g * g, axis=0)
+    check_damping(reduction_factor, "reduction_factor", "gradient_diagonal")
+    return xp.sum(g * g, axis=0) / reduction_factor
+
+
+def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | None = None) -> Array:
+    """softmax(q kᵀ / √d_h) over keys → ``[B, H, N, M]`` in the statistics dtype.
+
+    Args:
+        q: ``[B, H, N, d_h]`` queries; k: ``[B, H, M, d_h]`` keys.
+        causal: query i attends only to keys j ≤ i.
+        mask: optional boolean array broadcastable to ``[B, H, N, M]`` (True = attend), or a
+            floating additive bias (e.g. relative-position bias or −inf for masked keys).
+            Fully masked query rows get all-zero probabilities.
+    """
+    xp = namespace(q=q, k=k, mask=mask, where="attention_probs")
+    check_ndim(q, 4, "q", "attention_probs")
+    check_ndim(k, 4, "k", "attention_probs")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"attention_probs: 'q' {shape_str(q)} and 'k' {shape_str(k)} must agree in batch, heads "
+            "and head dim"
+        )
+    sdt = stats_dtype(xp, q.dtype)
+    qs, ks = to_stats(xp, q, sdt), to_stats(xp, k, sdt)
+    scores = (qs @ xp.matrix_transpose(ks)) / math.sqrt(q.shape[3])
+    n, m = q.shape[2], k.shape[2]
+    keep = None
+    if causal:
+        i = xp.reshape(xp.arange(n, device=device_of(q)), (n, 1))
+        j = xp.reshape(xp.arange(m, device=device_of(q)), (1, m))
+        keep = j <= i
+    if mask is not None:
+        if mask.dtype == xp.bool:
+            keep = mask if keep is None else xp.logical_and(keep, mask)
+        else:
+            scores = scores + to_stats(xp, mask, sdt)
+    neg = xp.asarray(-math.inf, dtype=sdt, device=device_of(q))
+    if keep is not None:
+        scores = xp.where(keep, scores, neg)
+    mx = xp.max(scores, axis=-1, keepdims=True)
+    mx = xp.where(xp.isfinite(mx), mx, xp.zeros_like(mx))
+    e = xp.exp(scores - mx)
+    s = xp.sum(e, axis=-1, keepdims=True)
+    return e / xp.where(s > 0, s, xp.ones_like(s))
+
+
+def split_qkv(out: Array, num_heads: int) -> tuple[Array, Array, Array]:
+    """Split a fused qkv output ``[B, N, 3D]`` with layout (3, H, d_h) into q, k, v ``[B, H, N, d_h]``."""
+    xp = namespace(out=out, where="split_qkv")
+    check_ndim(out, 3, "out", "split_qkv")
+    b, n, three_d = out.shape
+    if three_d % (3 * num_heads):
+        raise ValueError(
+            f"split_qkv: output features {three_d} of {shape_str(out)} are not divisible by "
+            f"3 · num_heads = {3 * num_heads}"
+        )
+    dh = three_d // (3 * num_heads)
+    t = xp.permute_dims(xp.reshape(out, (b, n, 3, num_heads, dh)), (2, 0, 3, 1, 4))
+    return t[0, ...], t[1, ...], t[2, ...]
+
+
+def attention_weighted_mean(x: Array, attn: Array, *, bias: bool, mode: str = "reference") -> Array:
+    """Mean input of the value path of a fused qkv projection (MATH.md §3.5).
+
+    Args:
+        x: ``[B, N, d_in]`` input of the qkv projection.
+        attn: ``[B, H, N, N]`` attention probabilities (rows sum to 1 over keys).
+        bias: the projection has a bias (append the constant 1, last).
+        mode: ``"reference"`` — Σ_j ᾱ_j x̄_j with ᾱ averaged over batch, heads and queries and x̄
+            the batch mean (the published code) → ``[d̃]``; ``"per_head"`` — the exact per-head
+            mean (1/(B N)) Σ_{b,i} Σ_j α_{b,h,i,j} x̃_{b,j} → ``[H, d̃]``.
+    """
+    xp = namespace(x=x, attn=attn, where="attention_weighted_mean")
+    check_ndim(x, 3, "x", "attention_weighted_mean")
+    check_ndim(attn, 4, "attn", "attention_weighted_mean")
+    b, n, _ = x.shape
+    if attn.shape[0] != b or attn.shape[2] != n or attn.shape[3] != n:
+        raise ValueError(
+            f"attention_weighted_mean: 'attn' of shape {shape_str(attn)} does not match 'x' of shape "
+            f"{shape_str(x)} (expected [{b}, H, {n}, {n}])"
+        )
+    sdt = stats_dtype(xp, x.dtype)
+    xs = to_stats(xp, x, sdt)
+    if bias:
+        xs = xp.concat([xs, xp.ones((b, n, 1), dtype=sdt, device=device_of(xs))], axis=2)
+    a = to_stats(xp, attn, sdt)
+    if mode == "reference":
+        abar = xp.mean(a, axis=(0, 1, 2))  # [N]
+        xbar = xp.mean(xs, axis=0)  # [N, d̃]
+        return xp.reshape(xp.reshape(abar, (1, n)) @ xbar, (-1,))
+    if mode == "per_head":
+        ah = xp.mean(a, axis=2)  # [B, H, N]
+        return xp.mean(ah @ xs, axis=0)  # [B, H, d̃] -> [H, d̃]
+    raise ValueError(f"attention_weighted_mean: mode must be 'reference' or 'per_head', got {mode!r}")
+
+
+def mac_apply(
+    grad_mat: Array,
+    mean: Array,
+    damping: Any,
+    *,
+    grad_diag: Array | None = None,
+    scale: str = "reference",
+) -> Array:
+    """Apply the damped MAC inverse to a gradient matrix in rank-1 form.
+
+    Args:
+        grad_mat: ``[d_out, d̃]`` gradient matrix (bias last).
+        mean: ``[d̃]`` debiased mean activation â, or ``[H, d̃]``: head h's factor is applied to the
+            h-th of H equal row blocks of ``grad_mat``.
+        damping: λ > 0.
+        grad_diag: optional ``[d_out]`` SMAC diagonal ẑ: the result is left-multiplied by
+            ``diag(1 / (ẑ + λ))``.
+        scale: ``"reference"`` → G − (G a) aᵀ/(λ + aᵀa) = λ·G(aaᵀ+λI)⁻¹; ``"inverse"`` →
+            G(aaᵀ+λI)⁻¹.
+
+    Returns:
+        ``[d_out, d̃]`` with the dtype of ``grad_mat`` (computed in ≥ float32). No d̃×d̃ matrix is formed.
+    """
+    where = "mac_apply"
+    xp = namespace(grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, where=where)
+    check_ndim(grad_mat, 2, "grad_mat", where)
+    check_ndim(mean, (1, 2), "mean", where)
+    check_damping(damping, "damping", where)
+    if scale not in MAC_SCALES:
+        raise ValueError(f"{where}: scale must be one of {MAC_SCALES}, got {scale!r}")
+    d_out, d_t = grad_mat.shape
+    if mean.shape[-1] != d_t:
+        raise ValueError(
+            f"{where}: 'mean' of shape {shape_str(mean)} does not match 'grad_mat' of shape "
+            f"{shape_str(grad_mat)} (last dims must agree: d̃ = {d_t})"
+        )
+    if mean.ndim == 2 and d_out % mean.shape[0]:
+        raise ValueError(
+            f"{where}: {mean.shape[0]} head factors in 'mean' {shape_str(mean)} do not divide the "
+            f"{d_out} rows of 'grad_mat' {shape_str(grad_mat)}"
+        )
+    if grad_diag is not None and tuple(grad_diag.shape) != (d_out,):
+        raise ValueError(
+            f"{where}: 'grad_diag' of shape {shape_str(grad_diag)} must be [{d_out}] for 'grad_mat' "
+            f"{shape_str(grad_mat)}"
+        )
+    sdt = xp.float64 if xp.float64 in (mean.dtype, grad_mat.dtype) else xp.float32
+    a = to_stats(xp, mean, sdt)
+    g = to_stats(xp, grad_mat, sdt)
+    coef = a / (damping + xp.sum(a * a, axis=-1, keepdims=True))  # [d̃] or [H, d̃]
+    if mean.ndim == 1:
+        u = _delegate.rank1_update(xp, g, a, coef)
+    else:
+        h = mean.shape[0]
+        gh = xp.reshape(g, (h, d_out // h, d_t))
+        ga = gh @ xp.reshape(a, (h, d_t, 1))  # [H, rows, 1]
+        u = xp.reshape(gh - ga * xp.reshape(coef, (h, 1, d_t)), (d_out, d_t))
+    if scale == "inverse":
+        u = u / damping
+    if grad_diag is not None:
+        z = to_stats(xp, grad_diag, sdt)
+        u = u / xp.reshape(z + damping, (d_out, 1))
+    return u if u.dtype == grad_mat.dtype else xp.astype(u, grad_mat.dtype)
+
+
+class MacState(NamedTuple):
+    """Per-layer MAC state.
+
+    mean: EMA of the batch mean activation ā (``[d̃]``, or ``[H, d̃]`` for per-head V factors).
+    mean_hat: debiased â frozen at the last refresh (what ``apply`` reads).
+    diag / diag_hat: SMAC's EMA of the gradient diagonal and its frozen debiased value
+        (``None`` without SMAC).
+    """
+
+    mean: EmaState
+    mean_hat: Array
+    diag: EmaState | None = None
+    diag_hat: Array | None = None
+
+
+def mac(
+    *,
+    decay: float = 0.95,
+    damping: float = 1.0,
+    scale: str = "reference",
+    diagonal: bool = False,
+    diag_reduction_factor: float | None = None,
+) -> Preconditioner:
+    """The stateful MAC preconditioner of one layer (pure functions, NamedTuple state).
+
+    Args:
+        decay: EMA decay β (``stat_decay``).
+        damping: λ > 0.
+        scale: ``"reference"`` (published code: λ-scaled inverse) or ``"inverse"`` (textbook).
+        diagonal: SMAC — keep a running diagonal gradient factor (needs ``grad_rows`` in ``update``).
+        diag_reduction_factor: ``None`` for the published statistic E_rows[g⊙g], else R for the
+            canonical (1/R)Σ g⊙g.
+
+    ``init(d_tilde, d_out=None, *, xp, heads=None, dtype=None, device=None)``;
+    ``update(state, rows=None, grad_rows=None, *, mean=None, grad_diag=None)`` — give the input rows
+    ``[R, d̃]`` or a precomputed batch ``mean`` (e.g. :func:`attention_weighted_mean`);
+    ``refresh(state)`` debiases; ``apply(state, grad_mat)``; ``to_dense(state)`` returns the
+    curvature ``D ⊗ (ââᵀ + λI)/s`` whose inverse ``apply`` multiplies with (s = λ for the reference
+    scale, 1 for the inverse scale; D = I or diag(ẑ + λ)).
+    """
+    check_damping(damping, "damping", "mac")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"mac: decay must be in [0, 1), got {decay!r}")
+    if scale not in MAC_SCALES:
+        raise ValueError(f"mac: scale must be one of {MAC_SCALES}, got {scale!r}")
+
+    def init(d_tilde: int, d_out: int | None = None, *, xp: Any, heads: int | None = None,
+             dtype: Any = None, device: Any = None) -> MacState:
+        dtype = xp.float32 if dtype is None else stats_dtype(xp, dtype)
+        shape = (d_tilde,) if heads is None else (heads, d_tilde)
+        mean = ema_init(shape, xp=xp, dtype=dtype, device=device)
+        diag = diag_hat = None
+        if diagonal:
+            if d_out is None:
+                raise ValueError("mac(diagonal=True).init needs d_out")
+            diag = ema_init((d_out,), xp=xp, dtype=dtype, device=device)
+            diag_hat = xp.zeros((d_out,), dtype=dtype, device=device)
+        return MacState(mean, xp.zeros(shape, dtype=dtype, device=device), diag, diag_hat)
+
+    def update(state: MacState, rows: Array | None = None, grad_rows: Array | None = None, *,
+               mean: Array | None = None, grad_diag: Array | None = None) -> MacState:
+        if (rows is None) == (mean is None):
+            raise ValueError("mac.update: give exactly one of 'rows' or 'mean'")
+        batch = mean_activation(rows) if mean is None else mean
+        if tuple(batch.shape) != tuple(state.mean.value.shape):
+            raise ValueError(
+                f"mac.update: batch mean of shape {shape_str(batch)} does not match the layer's "
+                f"running mean of shape {shape_str(state.mean.value)}"
+            )
+        new = state._replace(mean=ema_update(state.mean, batch, decay=decay))
+        if diagonal:
+            if grad_diag is None:
+                if grad_rows is None:
+                    raise ValueError("mac(diagonal=True).update needs 'grad_rows' or 'grad_diag'")
+                grad_diag = gradient_diagonal(grad_rows, reduction_factor=diag_reduction_factor)
+            new = new._replace(diag=ema_update(state.diag, grad_diag, decay=decay))
+        return new
+
+    def refresh(state: MacState) -> MacState:
+        new = state._replace(mean_hat=ema_debiased(state.mean, decay=decay))
+        if diagonal:
+            new = new._replace(diag_hat=ema_debiased(state.diag, decay=decay))
+        return new
+
+    def apply(state: MacState, grad_mat: Array) -> Array:
+        return mac_apply(grad_mat, state.mean_hat, damping, grad_diag=state.diag_hat, scale=scale)
+
+    def to_dense(state: MacState, d_out: int) -> Array:
+        return _mac_dense(state, d_out, damping, scale)
+
+    return Preconditioner(init, update, refresh, apply, to_dense)
+
+
+def _mac_dense(state: MacState, d_out: int, damping: float, scale: str) -> Array:
+    """Dense row-major curvature ``D ⊗ (ââᵀ + λI)/s`` (block-diagonal over heads)."""
+    xp = namespace(mean_hat=state.mean_hat, where="mac.to_dense")
+    a = state.mean_hat
+    d_t = a.shape[-1]
+    dev = device_of(a)
+    s = damping if scale == "reference" else 1.0
+    eye = xp.eye(d_t, dtype=a.dtype, device=dev)
+    heads = 1 if a.ndim == 1 else a.shape[0]
+    a2 = xp.reshape(a, (heads, d_t))
+    rows_per = d_out // heads
+    z = state.diag_hat
+    n = d_out * d_t
+    out = xp.zeros((n, n), dtype=a.dtype, device=dev)
+    for r in range(d_out):
+        h = r // rows_per
+        ah = a2[h, :]
+        block = (xp.reshape(ah, (d_t, 1)) * xp.reshape(ah, (1, d_t)) + damping * eye) / s
+        if z is not None:
+            block = block * (z[r] + damping)
+        out = xpx.at(out, (slice(r * d_t, (r + 1) * d_t), slice(r * d_t, (r + 1) * d_t))).set(block)
+    return out
