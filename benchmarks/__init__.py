@@ -1,0 +1,1 @@
+"""maccore benchmarks: ratios against baselines measured in the same run (see README.md here)."""

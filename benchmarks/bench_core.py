@@ -1,0 +1,130 @@
+"""Core kernels: ``mac_apply`` against a copy and the dense formulation; ``conv2d_mean_patch``
+against unfold-then-mean (time) and the input size (peak extra memory)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+
+import maccore
+from benchmarks._harness import Result, paired_ratios
+
+SHAPES = ((4096, 4096), (768, 3072), (3072, 768))
+
+
+def _numpy_mac(repeats: int, quick: bool) -> list[Result]:
+    out = []
+    rng = np.random.default_rng(0)
+    for m, n in SHAPES[:1] if quick else SHAPES:
+        g = rng.standard_normal((m, n), dtype=np.float32)
+        a = rng.standard_normal(n, dtype=np.float32)
+        r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), lambda: g.copy(), repeats=repeats, inner=3)
+        out.append(Result(f"numpy mac_apply f32 {m}x{n}", "g.copy()", 1.5, r))
+    n = 1024 if quick else 4096
+    g = rng.standard_normal((n, n), dtype=np.float32)
+    a = rng.standard_normal(n, dtype=np.float32)
+
+    def dense():
+        p = np.eye(n, dtype=np.float32) - np.outer(a, a) / (1.0 + a @ a)
+        return g @ p
+
+    r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), dense, repeats=max(3, repeats // 3))
+    out.append(Result(f"numpy mac_apply f32 {n}x{n}", "dense I-aa^T/(l+a^Ta), matmul", None if quick else 1 / 20, r,
+                      note="target: >= 20x faster"))
+    return out
+
+
+def _torch_mac(repeats: int, quick: bool) -> list[Result]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n in SHAPES[:1] if quick else SHAPES:
+        g = torch.randn(m, n, generator=gen)
+        a = torch.randn(n, generator=gen)
+        r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), lambda: g.clone(), repeats=repeats, inner=3)
+        out.append(Result(f"torch-cpu mac_apply f32 {m}x{n}", "g.clone()", 1.5, r))
+    n = 1024 if quick else 4096
+    g = torch.randn(n, n, generator=gen)
+    a = torch.randn(n, generator=gen)
+
+    def dense():
+        p = torch.eye(n) - torch.outer(a, a) / (1.0 + a @ a)
+        return g @ p
+
+    r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), dense, repeats=max(3, repeats // 3))
+    out.append(Result(f"torch-cpu mac_apply f32 {n}x{n}", "dense I-aa^T/(l+a^Ta), matmul", None if quick else 1 / 20, r,
+                      note="target: >= 20x faster"))
+    return out
+
+
+def _conv(repeats: int, quick: bool) -> list[Result]:
+    out = []
+    shape = (16, 64, 32, 32) if quick else (128, 64, 32, 32)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    kw = dict(stride=1, padding=1, bias=True)
+    cand = lambda: maccore.conv2d_mean_patch(x, 3, **kw)  # noqa: E731
+    base = lambda: maccore.conv2d_rows(x, 3, **kw).mean(axis=0)  # noqa: E731
+    r = paired_ratios(cand, base, repeats=max(3, repeats // 2))
+    out.append(Result(f"numpy conv2d_mean_patch {list(shape)} k3", "conv2d_rows(...).mean(0)", 1.0, r))
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    cand()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out.append(Result(f"numpy conv2d_mean_patch peak extra memory", "input bytes", 1.2, [peak / x.nbytes],
+                      unit="memory", note=f"peak {peak / 2**20:.1f} MiB, input {x.nbytes / 2**20:.1f} MiB"))
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return out
+    xt = torch.from_numpy(x)
+    cand = lambda: maccore.conv2d_mean_patch(xt, 3, **kw)  # noqa: E731
+    base = lambda: F.unfold(xt, 3, padding=1).mean(dim=(0, 2))  # noqa: E731
+    r = paired_ratios(cand, base, repeats=max(3, repeats // 2))
+    out.append(Result(f"torch-cpu conv2d_mean_patch {list(shape)} k3", "F.unfold(x).mean", 1.0, r))
+    return out
+
+
+def _gpu(repeats: int, quick: bool) -> list[Result]:
+    """Device bandwidth: effective bytes moved by mac_apply (read g twice, write once) per second,
+    as a fraction of the device's copy bandwidth (read once, write once)."""
+    out = []
+    m = n = 4096 if quick else 8192
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            g = torch.randn(m, n, device="cuda")
+            a = torch.randn(n, device="cuda")
+            sync = torch.cuda.synchronize
+            r = paired_ratios(lambda: g.clone(), lambda: maccore.mac_apply(g, a, 1.0), repeats=repeats,
+                              inner=5, sync=sync)
+            # ratio = t_copy / t_mac ; bandwidth fraction = (3 passes / t_mac) / (2 passes / t_copy)
+            out.append(Result(f"torch-cuda mac_apply bandwidth f32 {m}x{n}", "device copy bandwidth", 0.7,
+                              [1.5 * x for x in r], higher_is_better=True))
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            g = cupy.random.standard_normal((m, n), dtype=cupy.float32)
+            a = cupy.random.standard_normal(n, dtype=cupy.float32)
+            sync = cupy.cuda.Device().synchronize
+            r = paired_ratios(lambda: g.copy(), lambda: maccore.mac_apply(g, a, 1.0), repeats=repeats,
+                              inner=5, sync=sync)
+            out.append(Result(f"cupy mac_apply bandwidth f32 {m}x{n}", "device copy bandwidth", 0.7,
+                              [1.5 * x for x in r], higher_is_better=True))
+    except Exception:
+        pass
+    return out
+
+
+def run(repeats: int, quick: bool) -> list[Result]:
+    return _numpy_mac(repeats, quick) + _torch_mac(repeats, quick) + _conv(repeats, quick) + _gpu(repeats, quick)
