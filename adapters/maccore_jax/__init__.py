@@ -1,0 +1,63 @@
+"""maccore_jax: MAC and exact KFAC as optax transformations, with capture helpers for Flax and Equinox.
+
+- :func:`mac` / :func:`kfac`: full optimizers (preconditioner → heavy-ball momentum → decoupled weight
+  decay → learning rate); :func:`scale_by_mac` / :func:`scale_by_kfac`: the preconditioners alone.
+  All are ``optax.GradientTransformationExtraArgs``:
+  ``tx.update(grads, state, params, activations=acts[, output_grads=gouts])``.
+- Layers: :class:`Dense`, :class:`Conv` (declared geometry), :data:`QKV` (fused attention projection),
+  layouts ``"flax"`` and ``"equinox"``.
+- Capture: :mod:`maccore_jax.linen`, :mod:`maccore_jax.nnx`, :mod:`maccore_jax.equinox` (imported
+  lazily), each with ``apply`` (output and layer inputs from one forward), ``output_zeros`` (the
+  perturbations whose gradients are the layer output gradients, for KFAC) and ``layer_specs``.
+- New methods plug into :func:`scale_by_curvature` as a :class:`Method`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from maccore_jax.specs import QKV, Conv, Dense, Layer
+from maccore_jax.transform import (
+    AttentionMacState,
+    CurvatureState,
+    Method,
+    MomentumState,
+    kfac,
+    kfac_method,
+    mac,
+    mac_method,
+    momentum,
+    scale_by_curvature,
+    scale_by_kfac,
+    scale_by_mac,
+)
+
+__all__ = [
+    "AttentionMacState",
+    "Conv",
+    "CurvatureState",
+    "Dense",
+    "Layer",
+    "Method",
+    "MomentumState",
+    "QKV",
+    "equinox",
+    "kfac",
+    "kfac_method",
+    "linen",
+    "mac",
+    "mac_method",
+    "momentum",
+    "nnx",
+    "scale_by_curvature",
+    "scale_by_kfac",
+    "scale_by_mac",
+]
+
+_LAZY = ("linen", "nnx", "equinox")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"maccore_jax.{name}")
+    raise AttributeError(f"module 'maccore_jax' has no attribute {name!r}")
