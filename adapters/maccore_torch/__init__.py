@@ -1,0 +1,34 @@
+"""maccore_torch: thin PyTorch adapter over the backend-neutral ``maccore`` core.
+
+- :class:`MAC` / :class:`MACPreconditioner` — MAC and SMAC (MATH.md §3), reference-exact.
+- :class:`KFAC` / :class:`KFACPreconditioner` — exact KFAC with canonical factor scaling (§1).
+- :func:`layer_spec` — the type registry (``functools.singledispatch``) deciding which modules are
+  preconditioned; :data:`QKV` (= :class:`maccore.QkvSpec`) declares fused qkv projections.
+
+The adapter only discovers layers, captures rows with hooks, calls the core ``update`` /
+``refresh`` / ``apply`` and writes ``.grad``; every formula lives in ``maccore``.
+``opt.report()`` prints which parameter got which preconditioner.
+"""
+
+from maccore import QkvSpec
+
+from maccore_torch._base import CurvatureOptimizer, HookedPreconditioner
+from maccore_torch.kfac import KFAC, KFACPreconditioner
+from maccore_torch.mac import MAC, MACPreconditioner
+from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec
+
+QKV = QkvSpec
+
+__all__ = [
+    "KFAC",
+    "KFACPreconditioner",
+    "MAC",
+    "MACPreconditioner",
+    "QKV",
+    "QkvSpec",
+    "CurvatureOptimizer",
+    "HookedPreconditioner",
+    "UnsupportedLayerError",
+    "discover_layers",
+    "layer_spec",
+]

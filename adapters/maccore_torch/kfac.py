@@ -1,0 +1,205 @@
+"""Exact KFAC for PyTorch via the core :func:`maccore.kfac` (MATH.md §1.4–1.8, canonical split).
+
+Statistics per collecting step: A = E_rows[x̃x̃ᵀ] from forward hooks (rows pooled over all forwards
+of the step) and G = (1/R) Σ_rows gᵃgᵃᵀ from tensor hooks on the layer outputs (autograd gradients
+of the loss L = R·Σ terms). The reduction factor R of the loss whose gradient the step applies is:
+
+- ``reduction_factor=R`` when given (R of the total loss of the step, accumulation included);
+- else ``loss_average="batch"`` (default; a loss averaged over the samples, e.g.
+  ``CrossEntropyLoss()``): R = 1/N with N the number of samples seen by the layer during the step
+  (summed over accumulated micro-batches, so the usual ``(loss / n_micro).backward()``
+  accumulation equals one big batch); ``"batch+sequence"``: also averaged over the shared axes
+  (N·S tokens / N·OH·OW locations); ``None``: a summed loss, R = 1.
+
+Under ``torch.distributed`` (gradients averaged across ranks, as DDP does) A is the row-weighted
+mean over ranks and G the mean of the ranks' G, which equals single-process training on the
+concatenated batch for equally sized shards. ``kfac_approx="reduce"`` averages inputs and SUMS
+output gradients over the shared axes (T17). Damping modes: ``"tikhonov"``, ``"pi"``, ``"exact"``.
+The in-projection of ``nn.MultiheadAttention`` has no observable output gradient and is left
+unpreconditioned (its out-projection is supported); declared fused qkv layers are plain Linear.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+import maccore
+
+from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, _Acc
+from maccore_torch.attention import MhaCapture
+from maccore_torch.specs import Layer
+
+__all__ = ["KFAC", "KFACPreconditioner"]
+
+_LOSS_AVERAGE = (None, "batch", "batch+sequence")
+
+
+class KFACPreconditioner(HookedPreconditioner):
+    """Exact KFAC preconditioner rewriting ``.grad`` (use before any torch optimizer).
+
+    Args:
+        model: the module whose Linear/Conv2d layers are preconditioned (found by type).
+        stat_decay: EMA decay of A and G. damping: λ (a ``(λ_G, λ_A)`` pair in tikhonov mode).
+        t_cov / t_inv: statistics / inversion periods.
+        kfac_approx: ``"expand"`` or ``"reduce"``. damping_mode: ``"tikhonov"``, ``"pi"``,
+            ``"exact"`` (MATH.md §1.5).
+        loss_average / reduction_factor: the loss reduction (module docstring).
+        params, skip_layers, grad_scaler, on_nonfinite, process_group: as
+            :class:`maccore_torch.MACPreconditioner` (``grad_scaler``: G is divided by the squared
+            scale of the backward pass).
+    """
+
+    method = "KFAC"
+    roles = frozenset({"linear", "conv2d", "qkv", "mha_out"})
+    grad_keys = ("G",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        stat_decay: float = 0.95,
+        damping: Any = 1e-3,
+        t_cov: int = 1,
+        t_inv: int = 10,
+        kfac_approx: str = "expand",
+        damping_mode: str = "tikhonov",
+        loss_average: str | None = "batch",
+        reduction_factor: float | None = None,
+        params: Iterable[Any] | None = None,
+        skip_layers: Iterable[str] | None = None,
+        grad_scaler: Any = None,
+        on_nonfinite: str | None = "skip",
+        process_group: Any = None,
+    ):
+        self.kfac_approx = maccore.KFACType(kfac_approx)
+        if loss_average not in _LOSS_AVERAGE:
+            raise ValueError(f"loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
+        if reduction_factor is not None and not reduction_factor > 0:
+            raise ValueError(f"reduction_factor must be positive, got {reduction_factor!r}")
+        self.stat_decay, self.damping, self.damping_mode = stat_decay, damping, damping_mode
+        self.loss_average, self.reduction_factor = loss_average, reduction_factor
+        self._pc = maccore.kfac(decay=stat_decay, damping=damping, mode=damping_mode)
+        super().__init__(model, t_cov=t_cov, t_inv=t_inv, params=params, skip_layers=skip_layers,
+                         grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group)
+
+    @property
+    def _reduce(self) -> bool:
+        return self.kfac_approx is maccore.KFACType.REDUCE
+
+    def _init_state(self, layer: Layer) -> maccore.KfacState:
+        w = layer.weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return self._pc.init(layer.spec.d_tilde, layer.spec.d_out, xp=XP, dtype=dtype, device=w.device)
+
+    def _templates(self, layer: Layer) -> dict[str, torch.Tensor]:
+        return {"A": layer.state.a.value, "G": layer.state.g.value}
+
+    def _input_stats(self, spec: maccore.LayerSpec, x: torch.Tensor) -> dict:
+        rows = maccore.to_rows(spec, x, reduce=self._reduce)
+        return {"A": (maccore.input_factor(rows), rows.shape[0], "mean")}
+
+    def _forward_stats(self, layer, spec, x, out) -> dict:
+        return self._input_stats(spec, x)
+
+    def _mha_stats(self, layer: Layer, cap: MhaCapture) -> dict:
+        return self._input_stats(layer.spec, cap.context)  # role "mha_out" only
+
+    def _wants_grads(self, layer: Layer) -> bool:
+        return True
+
+    def _grad_stats(self, layer, spec, g) -> dict:
+        rows = maccore.to_grad_rows(spec, g, reduce=self._reduce)
+        channels = g.shape[1] if spec.kind is maccore.LayerKind.CONV2D else g.shape[-1]
+        if self.loss_average == "batch+sequence":
+            terms = g.numel() // channels
+        else:
+            terms = g.shape[0] if g.ndim >= 2 else 1
+        return {"G": (maccore.gradient_factor(rows, reduction_factor=1.0), terms, "sum")}
+
+    def _finalize(self, layer: Layer, key: str, acc: _Acc) -> tuple[torch.Tensor, float]:
+        if key != "G":
+            return acc.value, acc.weight
+        if self.reduction_factor is not None:
+            g = acc.value / self.reduction_factor
+        elif self.loss_average is None:
+            g = acc.value
+        else:  # L averaged over the N loss terms of the step: R = 1/N
+            g = acc.value * acc.weight
+        return g / self._grad_scale_sq(), 1.0
+
+    def _fold(self, layer: Layer, stats: dict) -> None:
+        if "A" in stats and "G" in stats:
+            layer.state = self._pc.update(layer.state, A=stats["A"], G=stats["G"])
+            layer.updates += 1
+
+    def _refresh(self, layer: Layer) -> None:
+        if layer.updates:
+            layer.state = self._pc.refresh(layer.state)
+
+    def _apply(self, layer: Layer, grad_mat: torch.Tensor) -> torch.Tensor:
+        if not layer.updates:  # never observed: leave the gradient as it is
+            return grad_mat
+        return self._pc.apply(layer.state, grad_mat)
+
+    def _describe(self, layer: Layer) -> str:
+        return f"KFAC {self.kfac_approx.value} ({self.damping_mode} damping)"
+
+    def _hyperparameters(self) -> dict:
+        return {**super()._hyperparameters(), "stat_decay": self.stat_decay, "damping": self.damping,
+                "damping_mode": self.damping_mode, "kfac_approx": self.kfac_approx.value,
+                "loss_average": self.loss_average, "reduction_factor": self.reduction_factor}
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer name: (A, G)}``: the debiased running factors (canonical split)."""
+        return {l.name: (maccore.ema_debiased(l.state.a, decay=self.stat_decay),
+                         maccore.ema_debiased(l.state.g, decay=self.stat_decay)) for l in self.layers}
+
+
+class KFAC(CurvatureOptimizer):
+    """Exact KFAC + momentum SGD as a ``torch.optim.Optimizer``.
+
+    Same update rule as :class:`maccore_torch.MAC` (per-group ``lr``, ``momentum``,
+    ``weight_decay``, ``nesterov``, ``weight_decay_mode``); curvature options as
+    :class:`KFACPreconditioner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        stat_decay: float = 0.95,
+        damping: Any = 1e-3,
+        weight_decay: float = 0.0,
+        t_cov: int = 1,
+        t_inv: int = 10,
+        nesterov: bool = False,
+        weight_decay_mode: str = "coupled",
+        kfac_approx: str = "expand",
+        damping_mode: str = "tikhonov",
+        loss_average: str | None = "batch",
+        reduction_factor: float | None = None,
+        params: Iterable[Any] | None = None,
+        skip_layers: Iterable[str] | None = None,
+        grad_scaler: Any = None,
+        on_nonfinite: str | None = "skip",
+        process_group: Any = None,
+    ):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        weight_decay_mode=weight_decay_mode)
+        make = functools.partial(
+            KFACPreconditioner, model, stat_decay=stat_decay, damping=damping, t_cov=t_cov, t_inv=t_inv,
+            kfac_approx=kfac_approx, damping_mode=damping_mode, loss_average=loss_average,
+            reduction_factor=reduction_factor, skip_layers=skip_layers, grad_scaler=grad_scaler,
+            on_nonfinite=on_nonfinite, process_group=process_group,
+        )
+        super().__init__(model, params, defaults, make)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """See :meth:`KFACPreconditioner.factors`."""
+        return self.preconditioner.factors()

@@ -1,0 +1,256 @@
+"""Layer discovery by module TYPE (never by name substrings): which modules get a preconditioner.
+
+``layer_spec(module, name="")`` is a :func:`functools.singledispatch` function returning the core
+:class:`maccore.LayerSpec` of a module, or ``None`` for types maccore has no rule for (their
+parameters are trained unpreconditioned). Registered: ``nn.Linear`` (any leading dims) and
+``nn.Conv2d`` (stride, padding incl. ``"same"``, dilation, depthwise). ``nn.MultiheadAttention`` is
+recognised by type in :func:`discover_layers` (its ``in_proj`` as a fused qkv projection, its
+``out_proj`` fed from the recomputed attention context). Register your own type with::
+
+    @maccore_torch.layer_spec.register(MyDense)
+    def _(module, name=""):
+        return maccore.LayerSpec(maccore.LayerKind.LINEAR, module.d_in, module.d_out,
+                                 has_bias=module.bias is not None, name=name)
+
+(the module must hold ``weight`` ``[d_out, ...]`` and optional ``bias`` and compute
+``x @ weight.T + bias`` resp. a zero-padded NCHW convolution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from maccore import ConvSpec, LayerKind, LayerSpec, QkvSpec
+
+__all__ = ["UnsupportedLayerError", "layer_spec", "discover_layers"]
+
+
+class UnsupportedLayerError(ValueError):
+    """A recognised layer type in a configuration maccore cannot precondition (names the layer)."""
+
+
+def _skip_hint(name: str) -> str:
+    return f" Pass skip_layers=[{name!r}] to train it unpreconditioned." if name else ""
+
+
+@functools.singledispatch
+def layer_spec(module: nn.Module, name: str = "") -> LayerSpec | None:
+    """The core ``LayerSpec`` of ``module``, or ``None`` when its type is not supported."""
+    return None
+
+
+@layer_spec.register(nn.Linear)
+def _linear_spec(module: nn.Linear, name: str = "") -> LayerSpec | None:
+    if module.in_features == 0:  # an uninitialised LazyLinear
+        return None
+    return LayerSpec(LayerKind.LINEAR, module.in_features, module.out_features,
+                     module.bias is not None, name=name)
+
+
+@layer_spec.register(nn.Conv2d)
+def _conv2d_spec(module: nn.Conv2d, name: str = "") -> LayerSpec | None:
+    label = name or "Conv2d"
+    if module.padding_mode != "zeros":
+        raise UnsupportedLayerError(
+            f"{label}: Conv2d with padding_mode={module.padding_mode!r} is not supported (only "
+            f"zero padding).{_skip_hint(name)}"
+        )
+    groups, cin = module.groups, module.in_channels
+    if groups != 1 and groups != cin:
+        raise UnsupportedLayerError(
+            f"{label}: grouped Conv2d with groups={groups} and in_channels={cin} is not supported "
+            f"(only groups=1 and depthwise groups=in_channels).{_skip_hint(name)}"
+        )
+    kh, kw = module.kernel_size
+    conv = ConvSpec(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                    dilation=module.dilation, groups=groups, in_channels=cin)
+    d_in = kh * kw if groups > 1 else cin * kh * kw
+    return LayerSpec(LayerKind.CONV2D, d_in, module.out_channels, module.bias is not None,
+                     conv=conv, name=name)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One preconditioned weight (plus optional bias) and the modules whose forwards feed it.
+
+    role: ``"linear"``, ``"conv2d"``, ``"qkv"`` (declared fused qkv Linear), ``"mha"`` (the
+    in-projection of an ``nn.MultiheadAttention``) or ``"mha_out"`` (its out-projection).
+    Several modules share one Layer when they share the weight (tied / reused weights).
+    """
+
+    name: str
+    role: str
+    modules: list
+    specs: dict  # id(module) -> LayerSpec (tied modules may differ in conv geometry)
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    state: Any = None
+    updates: int = 0  # number of statistics folds (Python mirror of the EMA count: no device sync)
+    first_inv: torch.Tensor | None = None  # MAC: the first layer's full damped inverse
+    acc: dict = field(default_factory=dict)  # statistics accumulated during the current step
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.specs[id(self.modules[0])]
+
+
+def _mha_layers(name: str, m: nn.MultiheadAttention, qkv: QkvSpec | None) -> list[Layer]:
+    label = name or "MultiheadAttention"
+    if not m._qkv_same_embed_dim:
+        raise UnsupportedLayerError(
+            f"{label}: MultiheadAttention with kdim/vdim != embed_dim (separate q/k/v projection "
+            f"weights) is not supported.{_skip_hint(name)}"
+        )
+    if m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedLayerError(
+            f"{label}: MultiheadAttention with add_bias_kv/add_zero_attn is not supported."
+            f"{_skip_hint(name)}"
+        )
+    heads, e = m.num_heads, m.embed_dim
+    qkv = QkvSpec(num_heads=heads) if qkv is None else qkv
+    if qkv.num_heads != heads:
+        raise ValueError(f"attention[{name!r}]: num_heads={qkv.num_heads} but the module has {heads}")
+    in_spec = LayerSpec(LayerKind.LINEAR, e, 3 * e, m.in_proj_bias is not None, qkv=qkv,
+                        name=f"{name}.in_proj" if name else "in_proj")
+    out = m.out_proj
+    out_name = f"{name}.out_proj" if name else "out_proj"
+    out_spec = LayerSpec(LayerKind.LINEAR, e, e, out.bias is not None, name=out_name)
+    return [
+        Layer(in_spec.name, "mha", [m], {id(m): in_spec}, m.in_proj_weight, m.in_proj_bias),
+        Layer(out_name, "mha_out", [m], {id(m): out_spec}, out.weight, out.bias),
+    ]
+
+
+def discover_layers(
+    model: nn.Module,
+    *,
+    attention: Mapping[str, QkvSpec] | None = None,
+    skip: Iterable[str] | None = None,
+    param_ids: set[int] | None = None,
+) -> list[Layer]:
+    """All supported layers of ``model`` in ``named_modules`` order.
+
+    Args:
+        attention: ``{module name: QkvSpec}`` declaring fused qkv ``nn.Linear`` layers (output
+            layout (3, H, d_h)); a ``MultiheadAttention`` name here sets its mode.
+        skip: module names left unpreconditioned.
+        param_ids: ids of the parameters being optimised; layers whose weight is not among them are
+            left out (a layer with only one of weight/bias among them is an error).
+
+    Raises:
+        UnsupportedLayerError: a recognised type in an unsupported configuration.
+        ValueError: unknown names, or parameters tied to a module that is not the same kind of
+            layer (e.g. an ``nn.Embedding`` weight reused by an ``nn.Linear`` head).
+    """
+    attention = dict(attention or {})
+    skip = set(skip or ())
+    named = list(model.named_modules())
+    names = {n for n, _ in named}
+    for kind, keys in (("attention", attention), ("skip_layers", skip)):
+        unknown = sorted(k for k in keys if k not in names)
+        if unknown:
+            raise ValueError(f"{kind}: no submodule named {unknown} in the model")
+    layers: list[Layer] = []
+    consumed: set[int] = set()
+    for name, m in named:
+        if id(m) in consumed:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            consumed.add(id(m.out_proj))  # its forward never runs (F.linear on its weight)
+            if name not in skip:
+                layers += _mha_layers(name, m, attention.get(name))
+            continue
+        if name in skip:
+            continue
+        if name in attention:
+            if not isinstance(m, nn.Linear):
+                raise ValueError(f"attention[{name!r}]: expected an nn.Linear, got {type(m).__name__}")
+            spec = layer_spec(m, name)
+            qkv = attention[name]
+            if spec.d_out % (3 * qkv.num_heads):
+                raise ValueError(
+                    f"attention[{name!r}]: out_features={spec.d_out} is not divisible by "
+                    f"3 * num_heads = {3 * qkv.num_heads}"
+                )
+            layers.append(Layer(name, "qkv", [m], {id(m): dataclasses.replace(spec, qkv=qkv)},
+                                m.weight, m.bias))
+            continue
+        spec = layer_spec(m, name)
+        if spec is None:
+            continue
+        layers.append(Layer(name, spec.kind.value, [m], {id(m): spec}, m.weight,
+                            getattr(m, "bias", None)))
+    layers = _filter_params(layers, param_ids)
+    layers = _merge_tied(layers)
+    _check_foreign_ties(model, layers)
+    return layers
+
+
+def _filter_params(layers: list[Layer], param_ids: set[int] | None) -> list[Layer]:
+    out = []
+    for layer in layers:
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        inside = [param_ids is None or id(p) in param_ids for p in params]
+        inside = [i and p.requires_grad for i, p in zip(inside, params)]
+        if all(inside):
+            out.append(layer)
+        elif any(inside):
+            raise ValueError(
+                f"{layer.name}: only part of the layer's parameters (weight, bias) are optimised / "
+                f"require grad; put both or neither in the optimizer, or skip the layer"
+            )
+    return out
+
+
+def _merge_tied(layers: list[Layer]) -> list[Layer]:
+    """Modules sharing one weight become one Layer whose statistics pool the rows of all uses
+    (exact KFAC-expand for weight sharing, MATH.md P-K12)."""
+    by_weight: dict[int, Layer] = {}
+    out = []
+    for layer in layers:
+        first = by_weight.get(id(layer.weight))
+        if first is None:
+            by_bias = [l for l in out if layer.bias is not None and l.bias is layer.bias]
+            if by_bias:
+                raise ValueError(f"{layer.name} and {by_bias[0].name} share a bias but not the weight")
+            by_weight[id(layer.weight)] = layer
+            out.append(layer)
+            continue
+        plain = ("linear", "conv2d")
+        if (first.role not in plain or layer.role != first.role or layer.bias is not first.bias
+                or layer.spec.d_in != first.spec.d_in or layer.spec.d_out != first.spec.d_out):
+            raise ValueError(
+                f"{layer.name} and {first.name} share a weight but differ in kind, bias or shape: "
+                f"tied parameters are only supported between layers of the same kind that share "
+                f"weight and bias.{_skip_hint(layer.name)}"
+            )
+        first.modules += layer.modules
+        first.specs.update(layer.specs)
+        first.name = f"{first.name}+{layer.name}"
+    return out
+
+
+def _check_foreign_ties(model: nn.Module, layers: list[Layer]) -> None:
+    claimed = {id(p): l for l in layers for p in (l.weight, l.bias) if p is not None}
+    owners_ok = {id(m) for l in layers for m in l.modules}
+    for l in layers:  # MultiheadAttention owns in_proj_*; its out_proj owns out_proj.*
+        if l.role == "mha_out":
+            owners_ok.add(id(l.modules[0].out_proj))
+    for name, m in model.named_modules():
+        if id(m) in owners_ok:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in claimed:
+                layer = claimed[id(p)]
+                raise ValueError(
+                    f"parameter {name + '.' + pname if name else pname} of {type(m).__name__} is tied to "
+                    f"layer {layer.name}: its gradient sums both uses but the statistics would see only "
+                    f"one, so tied parameters across different module kinds are rejected."
+                    f"{_skip_hint(layer.name.split('+')[0])}"
+                )
