@@ -206,14 +206,14 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
 
 # ---- KFAC ------------------------------------------------------------------------------------------
 def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: str = "tikhonov",
-                kfac_type: str = "expand", reduction_factor: float | None = None) -> Method:
+                kfac_approx: str = "expand", reduction_factor: float | None = None) -> Method:
     """Exact KFAC (MATH.md §1): A from the inputs, G = (1/R) Σ g gᵀ from the output gradients.
 
     ``reduction_factor`` R (e.g. ``1/N`` for a loss averaged over N samples on this device) may instead
     be passed to each ``update(..., reduction_factor=R)``.
     """
     pc = maccore.kfac(decay=stat_decay, damping=damping, mode=damping_mode)
-    reduce = maccore.KFACType(kfac_type) is maccore.KFACType.REDUCE
+    reduce = maccore.KFACType(kfac_approx) is maccore.KFACType.REDUCE
 
     def init(layer, dtype):
         return pc.init(layer.d_tilde, layer.d_out, xp=_xp(), dtype=dtype)
@@ -256,7 +256,7 @@ def scale_by_mac(*, stat_decay: float = 0.95, damping: float = 1.0, t_cov: int =
 
 
 def scale_by_kfac(*, reduction_factor: float | None = None, stat_decay: float = 0.95, damping: Any = 1e-3,
-                  damping_mode: str = "tikhonov", kfac_type: str = "expand", t_cov: int = 5, t_inv: int = 50,
+                  damping_mode: str = "tikhonov", kfac_approx: str = "expand", t_cov: int = 1, t_inv: int = 10,
                   layers: Mapping | None = None, layout: str = "flax",
                   axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
     """The exact-KFAC preconditioner alone. ``update`` needs ``activations=`` and ``output_grads=``.
@@ -265,11 +265,11 @@ def scale_by_kfac(*, reduction_factor: float | None = None, stat_decay: float = 
         reduction_factor: R of the loss L = R·Σ terms that ``grads``/``output_grads`` come from
             (MATH.md §1.2), or pass ``reduction_factor=`` to each update.
         damping_mode: ``"tikhonov"`` (damping λ or a pair (λ_G, λ_A)), ``"pi"`` or ``"exact"``.
-        kfac_type: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
         Others as :func:`scale_by_mac`.
     """
     method = kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
-                         kfac_type=kfac_type, reduction_factor=reduction_factor)
+                         kfac_approx=kfac_approx, reduction_factor=reduction_factor)
     return scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, layers=layers, layout=layout,
                               axis_name=axis_name)
 
@@ -321,11 +321,11 @@ def mac(learning_rate: Any, *, momentum: float = 0.9, stat_decay: float = 0.95, 
 
 def kfac(learning_rate: Any, *, reduction_factor: float | None = None, momentum: float = 0.9,
          stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: str = "tikhonov",
-         kfac_type: str = "expand", weight_decay: float = 0.0, t_cov: int = 5, t_inv: int = 50,
+         kfac_approx: str = "expand", weight_decay: float = 0.0, t_cov: int = 1, t_inv: int = 10,
          nesterov: bool = False, layers: Mapping | None = None, layout: str = "flax",
          axis_name: str | None = None, weight_decay_mask: Any = None) -> optax.GradientTransformationExtraArgs:
     """Exact KFAC with the same momentum / decoupled weight decay as :func:`mac`."""
     pre = scale_by_kfac(reduction_factor=reduction_factor, stat_decay=stat_decay, damping=damping,
-                        damping_mode=damping_mode, kfac_type=kfac_type, t_cov=t_cov, t_inv=t_inv,
+                        damping_mode=damping_mode, kfac_approx=kfac_approx, t_cov=t_cov, t_inv=t_inv,
                         layers=layers, layout=layout, axis_name=axis_name)
     return _optimizer(pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask)

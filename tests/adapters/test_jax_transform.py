@@ -114,13 +114,13 @@ def test_mac_adapter_equals_core():
         np.testing.assert_allclose(to_np(state.layers[n].mean_hat), st.mean_hat, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,kfac_type", [("tikhonov", "expand"), ("pi", "reduce"), ("exact", "expand")])
-def test_kfac_adapter_equals_core(mode, kfac_type):
+@pytest.mark.parametrize("mode,kfac_approx", [("tikhonov", "expand"), ("pi", "reduce"), ("exact", "expand")])
+def test_kfac_adapter_equals_core(mode, kfac_approx):
     r = 1.0 / N
-    tx = mj.scale_by_kfac(reduction_factor=r, damping=0.3, damping_mode=mode, kfac_type=kfac_type,
+    tx = mj.scale_by_kfac(reduction_factor=r, damping=0.3, damping_mode=mode, kfac_approx=kfac_approx,
                           t_cov=1, t_inv=2, layers=LAYERS)
     outs, _ = run(tx, 3, kfac=True)
-    ref, _ = ref_run(maccore.kfac(damping=0.3, mode=mode), 3, 1, 2, kfac_r=r, reduce=kfac_type == "reduce")
+    ref, _ = ref_run(maccore.kfac(damping=0.3, mode=mode), 3, 1, 2, kfac_r=r, reduce=kfac_approx == "reduce")
     for o, rr in zip(outs, ref):
         tree_allclose(o, rr, rtol=1e-4, atol=1e-4)
 
