@@ -67,8 +67,10 @@ def output_zeros(model: nn.Module, variables: Any, *args: Any, layer_types: tupl
 
 
 def layer_specs(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``{name: Dense() | Conv(...)}`` for every ``nn.Dense``/``nn.Conv`` the forward calls, read from the
-    modules (strides, padding, dilation, groups), to pass as ``layers=`` to the transformations."""
+    """``{name: Dense() | Conv(...) | None}`` for every ``nn.Dense``/``nn.Conv`` the forward calls, read
+    from the modules (strides, padding, dilation, groups), to pass as ``layers=`` to the transformations.
+    Convs the core does not support (1-D/3-D, input dilation, circular padding) map to None: their
+    parameters get the plain momentum update."""
     modules: dict = {}
     jax.eval_shape(lambda: _run(model, variables, args, kwargs, None, LAYER_TYPES, modules)[0])
     specs: dict[str, Any] = {}
@@ -77,11 +79,11 @@ def layer_specs(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> 
         if isinstance(mod, nn.Dense):
             specs[name] = Dense()
             continue
-        if mod.input_dilation not in (None, 1) or len(mod.kernel_size) != 2:
-            raise ValueError(f"layer {name!r}: only 2-D convs without input dilation are supported")
         pad = mod.padding
-        if isinstance(pad, str) and pad.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"layer {name!r}: padding {pad!r} is not supported")
+        if (mod.input_dilation not in (None, 1) or len(mod.kernel_size) != 2
+                or isinstance(pad, str) and pad.upper() not in ("SAME", "VALID")):
+            specs[name] = None  # not supported (1-D/3-D, input dilation, circular/causal padding)
+            continue
         if not isinstance(pad, (str, int)):
             pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
         specs[name] = Conv(padding=pad, stride=_pair(mod.strides), dilation=_pair(mod.kernel_dilation),

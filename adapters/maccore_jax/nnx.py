@@ -94,7 +94,8 @@ def layer_specs(model: nnx.Module) -> dict[str, Any]:
         name = layer_name(tuple(path))
         if isinstance(node, nnx.Linear):
             specs[name] = Dense()
-        elif isinstance(node, nnx.Conv) and len(node.kernel_size) == 2 and node.input_dilation in (None, 1):
+        elif (isinstance(node, nnx.Conv) and len(node.kernel_size) == 2 and node.input_dilation in (None, 1)
+              and not (isinstance(node.padding, str) and node.padding.upper() not in ("SAME", "VALID"))):
             pad = node.padding
             if not isinstance(pad, (str, int)):
                 pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)

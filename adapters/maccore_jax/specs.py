@@ -135,8 +135,9 @@ class Layer:
 
     def mean(self, x: Any) -> Any:
         """ā, the mean input row (conv: without materialising the patches)."""
-        if self.kind is LayerKind.LINEAR:
-            return maccore.mean_activation(maccore.linear_rows(x, bias=self.has_bias))
+        if self.kind is LayerKind.LINEAR:  # mean of x, then the constant 1 (no [R, d̃] copy)
+            mean = maccore.mean_activation(maccore.linear_rows(x, bias=False))
+            return jnp.concatenate([mean, jnp.ones((1,), mean.dtype)]) if self.has_bias else mean
         xn = self._nchw(x)
         c = self.core_spec(xn).conv
         return maccore.conv2d_mean_patch(xn, c.kernel_size, stride=c.stride, padding=c.padding,

@@ -22,7 +22,7 @@ import maccore
 import optax
 from jax import lax
 
-from maccore_jax.specs import Layer, discover, lookup
+from maccore_jax.specs import Layer, discover, layer_name, lookup
 
 __all__ = [
     "CurvatureState",
@@ -79,6 +79,8 @@ def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layer
     maccore.is_due(0, t_cov), maccore.is_due(0, t_inv)  # validates the periods
     where = f"scale_by_{method.name}"
 
+    excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None}
+
     def find(tree):
         return discover(tree, layout=layout, layers=layers, attention=attention)
 
@@ -95,8 +97,8 @@ def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layer
         if set(found) != set(state.layers):
             raise ValueError(f"{where}: the state was initialised for layers {sorted(state.layers)} but "
                              f"the gradients have layers {sorted(found)}")
-        acts = _match(activations, found, "activations", where)
-        gouts = _match(output_grads, found, "output_grads", where) if method.needs_output_grads else {}
+        acts = _match(activations, found, "activations", where, excluded)
+        gouts = _match(output_grads, found, "output_grads", where, excluded) if method.needs_output_grads else {}
         pleaves = None
         if any(method.needs_params(layer) for layer in found.values()):
             if params is None:
@@ -140,7 +142,7 @@ def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layer
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _match(tree: Any, found: dict[str, Layer], what: str, where: str) -> dict[str, Any]:
+def _match(tree: Any, found: dict[str, Layer], what: str, where: str, excluded: set) -> dict[str, Any]:
     if tree is None:
         raise ValueError(f"{where}: update needs {what}= (a tree like params with each layer's "
                          f"{'input' if what == 'activations' else 'output gradient'}), for layers {list(found)}")
@@ -150,7 +152,7 @@ def _match(tree: Any, found: dict[str, Layer], what: str, where: str) -> dict[st
         desc = ", ".join(f"{n!r} ({found[n].layout} weight {list(found[n].weight_shape)})" for n in missing)
         raise ValueError(f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
                          f"with layers={{name: None}}. {what} has {sorted(got)}")
-    extra = sorted(set(got) - set(found))
+    extra = sorted(set(got) - set(found) - excluded)
     if extra:
         raise ValueError(f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
                          f"gradient tree (layers: {sorted(found)})")

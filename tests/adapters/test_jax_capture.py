@@ -198,3 +198,23 @@ def test_capture_errors():
         mj.linen.apply(model, v, x, perturbations={**perts, "Dense_1": jnp.zeros((3, 7), F32)})
     with pytest.raises(ValueError, match="no entry for layer 'Dense_1'"):
         mj.linen.apply(model, v, x, perturbations={k: p for k, p in perts.items() if k != "Dense_1"})
+
+
+def test_unsupported_conv_is_left_to_momentum():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # x: [N, L, C]
+            x = nn.Conv(3, (3,), padding="SAME", param_dtype=F32)(x)  # 1-D conv: not preconditioned
+            return nn.Dense(2, param_dtype=F32)(x.mean(axis=1))
+
+    model, x = Net(), normal(0, (2, 5, 4))
+    variables = model.init(jax.random.key(0), x)
+    specs = mj.linen.layer_specs(model, variables, x)
+    assert specs == {"Conv_0": None, "Dense_0": mj.Dense()}
+    _, acts = mj.linen.apply(model, variables, x)
+    assert set(acts) == {"Conv_0", "Dense_0"}
+    grads = jax.tree.map(jnp.ones_like, variables["params"])
+    tx = mj.scale_by_mac(layers=specs, t_cov=1, t_inv=1)
+    u, st = jax.jit(tx.update)(grads, tx.init(variables["params"]), activations=acts)
+    assert set(st.layers) == {"Dense_0"}
+    np.testing.assert_array_equal(np.asarray(u["Conv_0"]["kernel"]), np.ones((3, 4, 3), np.float32))
