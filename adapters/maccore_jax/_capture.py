@@ -22,17 +22,23 @@ class Recorder:
     def record(self, path: tuple, x: Any, call: Any) -> Any:
         name = layer_name(path)
         if path in self.inputs:
-            raise ValueError(f"layer {name!r} was called twice in one forward pass; reused layers are "
-                             "not supported by the capture helpers")
+            raise ValueError(
+                f"layer {name!r} was called twice in one forward pass; reused layers are "
+                "not supported by the capture helpers"
+            )
         self.inputs[path] = x
         y = call(x)
         if self.perts is not None:
             if name not in self.perts:
-                raise ValueError(f"perturbations: no entry for layer {name!r} (have {sorted(self.perts)})")
+                raise ValueError(
+                    f"perturbations: no entry for layer {name!r} (have {sorted(self.perts)})"
+                )
             p = self.perts[name]
             if tuple(p.shape) != tuple(y.shape):
-                raise ValueError(f"perturbations: layer {name!r} outputs {list(y.shape)} but its "
-                                 f"perturbation has shape {list(p.shape)}")
+                raise ValueError(
+                    f"perturbations: layer {name!r} outputs {list(y.shape)} but its "
+                    f"perturbation has shape {list(p.shape)}"
+                )
             y = y + p.astype(y.dtype)
             self.used.add(name)
         self.outputs[path] = y
@@ -42,7 +48,9 @@ class Recorder:
         if self.perts is not None:
             unused = sorted(set(self.perts) - self.used)
             if unused:
-                raise ValueError(f"perturbations given for {unused}, which were not called in the forward")
+                raise ValueError(
+                    f"perturbations given for {unused}, which were not called in the forward"
+                )
 
 
 def nest(flat: dict[tuple, Any]) -> dict:

@@ -45,7 +45,9 @@ class _Tap(eqx.Module):
 
 
 def _paths(model, layer_types):
-    flat = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda n: isinstance(n, layer_types))[0]
+    flat = jax.tree_util.tree_flatten_with_path(
+        model, is_leaf=lambda n: isinstance(n, layer_types)
+    )[0]
     return [tuple(path) for path, node in flat if isinstance(node, layer_types)]
 
 
@@ -63,15 +65,22 @@ def _get(tree, path):
 def _run_one(model, args, kwargs, perturbations, layer_types):
     paths = _paths(model, layer_types)
     rec = Recorder(perturbations)
-    tapped = eqx.tree_at(lambda m: [_get(m, p) for p in paths], model,
-                         replace=[_Tap(_get(model, p), p) for p in paths])
+    tapped = eqx.tree_at(
+        lambda m: [_get(m, p) for p in paths],
+        model,
+        replace=[_Tap(_get(model, p), p) for p in paths],
+    )
     token = _ACTIVE.set(rec)
     try:
         out = tapped(*args, **kwargs)
     finally:
         _ACTIVE.reset(token)
     rec.finish()
-    return out, {layer_name(p): v for p, v in rec.inputs.items()}, {layer_name(p): v for p, v in rec.outputs.items()}
+    return (
+        out,
+        {layer_name(p): v for p, v in rec.inputs.items()},
+        {layer_name(p): v for p, v in rec.outputs.items()},
+    )
 
 
 def _run(model, args, kwargs, perturbations, layer_types, batch_axis):
@@ -84,23 +93,37 @@ def _run(model, args, kwargs, perturbations, layer_types, batch_axis):
     return jax.vmap(one, in_axes=(batch_axis, 0), out_axes=0)(args, perturbations)
 
 
-def apply(model: eqx.Module, *args: Any, perturbations: Any = None, batch_axis: int | None = 0,
-          layer_types: tuple = LAYER_TYPES, **kwargs: Any) -> tuple[Any, dict]:
+def apply(
+    model: eqx.Module,
+    *args: Any,
+    perturbations: Any = None,
+    batch_axis: int | None = 0,
+    layer_types: tuple = LAYER_TYPES,
+    **kwargs: Any,
+) -> tuple[Any, dict]:
     """``vmap(model)(*args)`` (or ``model(*args)`` with ``batch_axis=None``) → ``(output, acts)``."""
     out, acts, _ = _run(model, args, kwargs, perturbations, layer_types, batch_axis)
     return out, acts
 
 
-def output_zeros(model: eqx.Module, *args: Any, batch_axis: int | None = 0, layer_types: tuple = LAYER_TYPES,
-                 **kwargs: Any) -> dict:
+def output_zeros(
+    model: eqx.Module,
+    *args: Any,
+    batch_axis: int | None = 0,
+    layer_types: tuple = LAYER_TYPES,
+    **kwargs: Any,
+) -> dict:
     """Zero perturbations ``{name: zeros}`` shaped like every captured layer's output (batched)."""
-    shapes = eqx.filter_eval_shape(lambda m, a: _run(m, a, kwargs, None, layer_types, batch_axis)[2], model, args)
+    shapes = eqx.filter_eval_shape(
+        lambda m, a: _run(m, a, kwargs, None, layer_types, batch_axis)[2], model, args
+    )
     return zeros(shapes)
 
 
 def layer_specs(model: eqx.Module) -> dict[str, Any]:
     """``{name: Dense() | Conv(...) | None}``: ``eqx.nn.Linear`` → Dense, ``eqx.nn.Conv2d`` → Conv with its
     stride/padding/dilation/groups, any other module with a ≥2-D ``weight`` (e.g. ``Embedding``) → None."""
+
     def is_layer(n):
         return isinstance(n, eqx.Module) and getattr(getattr(n, "weight", None), "ndim", 0) >= 2
 
@@ -113,9 +136,15 @@ def layer_specs(model: eqx.Module) -> dict[str, Any]:
             specs[name] = Dense()
         elif isinstance(node, eqx.nn.Conv2d):
             if str(getattr(node, "padding_mode", "ZEROS")).upper() != "ZEROS":
-                raise ValueError(f"layer {name!r}: only zero padding is supported, got {node.padding_mode!r}")
-            specs[name] = Conv(padding=node.padding, stride=tuple(node.stride), dilation=tuple(node.dilation),
-                               groups=node.groups)
+                raise ValueError(
+                    f"layer {name!r}: only zero padding is supported, got {node.padding_mode!r}"
+                )
+            specs[name] = Conv(
+                padding=node.padding,
+                stride=tuple(node.stride),
+                dilation=tuple(node.dilation),
+                groups=node.groups,
+            )
         else:
             specs[name] = None
     return specs

@@ -52,17 +52,26 @@ def _run(model, variables, args, kwargs, perturbations, layer_types, modules=Non
     return out, rec
 
 
-def apply(model: nn.Module, variables: Any, *args: Any, perturbations: Any = None,
-          layer_types: tuple = LAYER_TYPES, **kwargs: Any) -> tuple[Any, dict]:
+def apply(
+    model: nn.Module,
+    variables: Any,
+    *args: Any,
+    perturbations: Any = None,
+    layer_types: tuple = LAYER_TYPES,
+    **kwargs: Any,
+) -> tuple[Any, dict]:
     """``model.apply(variables, *args, **kwargs)`` → ``(output, acts)`` (one forward pass)."""
     out, rec = _run(model, variables, args, kwargs, perturbations, layer_types)
     return out, nest(rec.inputs)
 
 
-def output_zeros(model: nn.Module, variables: Any, *args: Any, layer_types: tuple = LAYER_TYPES,
-                 **kwargs: Any) -> dict:
+def output_zeros(
+    model: nn.Module, variables: Any, *args: Any, layer_types: tuple = LAYER_TYPES, **kwargs: Any
+) -> dict:
     """Zero perturbations shaped like every captured layer's output (abstract evaluation, no FLOPs)."""
-    shapes = jax.eval_shape(lambda: nest(_run(model, variables, args, kwargs, None, layer_types)[1].outputs))
+    shapes = jax.eval_shape(
+        lambda: nest(_run(model, variables, args, kwargs, None, layer_types)[1].outputs)
+    )
     return zeros(shapes)
 
 
@@ -80,14 +89,22 @@ def layer_specs(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> 
             specs[name] = Dense()
             continue
         pad = mod.padding
-        if (mod.input_dilation not in (None, 1) or len(mod.kernel_size) != 2
-                or isinstance(pad, str) and pad.upper() not in ("SAME", "VALID")):
+        if (
+            mod.input_dilation not in (None, 1)
+            or len(mod.kernel_size) != 2
+            or isinstance(pad, str)
+            and pad.upper() not in ("SAME", "VALID")
+        ):
             specs[name] = None  # not supported (1-D/3-D, input dilation, circular/causal padding)
             continue
         if not isinstance(pad, (str, int)):
             pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
-        specs[name] = Conv(padding=pad, stride=_pair(mod.strides), dilation=_pair(mod.kernel_dilation),
-                           groups=mod.feature_group_count)
+        specs[name] = Conv(
+            padding=pad,
+            stride=_pair(mod.strides),
+            dilation=_pair(mod.kernel_dilation),
+            groups=mod.feature_group_count,
+        )
     return specs
 
 

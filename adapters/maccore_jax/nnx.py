@@ -32,7 +32,11 @@ LAYER_TYPES = (nnx.Linear, nnx.Conv)
 
 
 def _layers(model, layer_types):
-    return {id(node): tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, layer_types)}
+    return {
+        id(node): tuple(path)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, layer_types)
+    }
 
 
 @contextlib.contextmanager
@@ -47,6 +51,7 @@ def _tapped(model, layer_types, rec):
             if path is None:
                 return orig(self, x, *a, **kw)
             return rec.record(path, x, lambda v: orig(self, v, *a, **kw))
+
         return __call__
 
     try:
@@ -69,15 +74,23 @@ def _run(model, args, kwargs, perturbations, layer_types):
     return out, rec
 
 
-def apply(model: nnx.Module, *args: Any, perturbations: Any = None, layer_types: tuple = LAYER_TYPES,
-          **kwargs: Any) -> tuple[Any, dict]:
+def apply(
+    model: nnx.Module,
+    *args: Any,
+    perturbations: Any = None,
+    layer_types: tuple = LAYER_TYPES,
+    **kwargs: Any,
+) -> tuple[Any, dict]:
     """``model(*args, **kwargs)`` → ``(output, acts)`` (one forward pass)."""
     out, rec = _run(model, args, kwargs, perturbations, layer_types)
     return out, nest(rec.inputs)
 
 
-def output_zeros(model: nnx.Module, *args: Any, layer_types: tuple = LAYER_TYPES, **kwargs: Any) -> dict:
+def output_zeros(
+    model: nnx.Module, *args: Any, layer_types: tuple = LAYER_TYPES, **kwargs: Any
+) -> dict:
     """Zero perturbations shaped like every captured layer's output (abstract evaluation)."""
+
     def f(m):
         return nest(_run(m, args, kwargs, None, layer_types)[1].outputs)
 
@@ -94,13 +107,23 @@ def layer_specs(model: nnx.Module) -> dict[str, Any]:
         name = layer_name(tuple(path))
         if isinstance(node, nnx.Linear):
             specs[name] = Dense()
-        elif (isinstance(node, nnx.Conv) and len(node.kernel_size) == 2 and node.input_dilation in (None, 1)
-              and not (isinstance(node.padding, str) and node.padding.upper() not in ("SAME", "VALID"))):
+        elif (
+            isinstance(node, nnx.Conv)
+            and len(node.kernel_size) == 2
+            and node.input_dilation in (None, 1)
+            and not (
+                isinstance(node.padding, str) and node.padding.upper() not in ("SAME", "VALID")
+            )
+        ):
             pad = node.padding
             if not isinstance(pad, (str, int)):
                 pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
-            specs[name] = Conv(padding=pad, stride=_pair(node.strides), dilation=_pair(node.kernel_dilation),
-                               groups=node.feature_group_count)
+            specs[name] = Conv(
+                padding=pad,
+                stride=_pair(node.strides),
+                dilation=_pair(node.kernel_dilation),
+                groups=node.feature_group_count,
+            )
         elif isinstance(getattr(node, "kernel", None), nnx.Param):
             specs[name] = None
     return specs
@@ -110,4 +133,3 @@ def _pair(v: Any) -> Any:
     if v is None:
         return 1
     return v if isinstance(v, int) else tuple(v)
-

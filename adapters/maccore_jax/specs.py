@@ -70,13 +70,17 @@ class Layer:
 
     def grad_mat(self, gw: Any, gb: Any) -> Any:
         if self.layout == "flax":
-            gw = gw.T if self.kind is LayerKind.LINEAR else jnp.transpose(gw, (3, 2, 0, 1))  # HWIO→OIHW
+            gw = (
+                gw.T if self.kind is LayerKind.LINEAR else jnp.transpose(gw, (3, 2, 0, 1))
+            )  # HWIO→OIHW
         return maccore.grad_matrix(gw, None if gb is None else gb.reshape(-1))
 
     def split(self, mat: Any) -> tuple[Any, Any]:
         w, b = maccore.split_grad_matrix(mat, self._canonical_shape(), bias=self.has_bias)
         if self.layout == "flax":
-            w = w.T if self.kind is LayerKind.LINEAR else jnp.transpose(w, (2, 3, 1, 0))  # OIHW→HWIO
+            w = (
+                w.T if self.kind is LayerKind.LINEAR else jnp.transpose(w, (2, 3, 1, 0))
+            )  # OIHW→HWIO
         return w, None if b is None else b.reshape(self.bias_shape)
 
     # ---- inputs and output gradients -------------------------------------------------------------
@@ -88,25 +92,43 @@ class Layer:
         if self.kind is LayerKind.CONV2D:
             c = self.conv
             k = self._canonical_shape()[2:]
-            conv = maccore.ConvSpec(k, stride=c.stride, dilation=c.dilation, groups=c.groups,
-                                    padding=_resolve_padding(c, x_nchw.shape[2:], k))
-        return maccore.LayerSpec(self.kind, self.d_in, self.d_out, self.has_bias, conv=conv,
-                                 qkv=self.qkv, name=self.name)
+            conv = maccore.ConvSpec(
+                k,
+                stride=c.stride,
+                dilation=c.dilation,
+                groups=c.groups,
+                padding=_resolve_padding(c, x_nchw.shape[2:], k),
+            )
+        return maccore.LayerSpec(
+            self.kind, self.d_in, self.d_out, self.has_bias, conv=conv, qkv=self.qkv, name=self.name
+        )
 
     def check_input(self, x: Any, what: str = "activations") -> None:
         shape = list(getattr(x, "shape", ()))
         w = list(self.weight_shape)
         if self.kind is LayerKind.LINEAR:
-            ok = len(shape) >= 1 and shape[-1] == self.d_in and (self.qkv is None or len(shape) == 3)
+            ok = (
+                len(shape) >= 1 and shape[-1] == self.d_in and (self.qkv is None or len(shape) == 3)
+            )
             want = f"[..., {self.d_in}]" if self.qkv is None else f"[B, N, {self.d_in}]"
         else:
-            cin = self.d_in // (self._canonical_shape()[2] * self._canonical_shape()[3]) * self.conv.groups
+            cin = (
+                self.d_in
+                // (self._canonical_shape()[2] * self._canonical_shape()[3])
+                * self.conv.groups
+            )
             ch = 3 if self.layout == "flax" else 1
             ok = len(shape) == 4 and shape[ch] == cin
-            want = "[N, H, W, %d] (NHWC)" % cin if self.layout == "flax" else "[N, %d, H, W] (NCHW)" % cin
+            want = (
+                "[N, H, W, %d] (NHWC)" % cin
+                if self.layout == "flax"
+                else "[N, %d, H, W] (NCHW)" % cin
+            )
         if not ok:
-            raise ValueError(f"layer {self.name!r}: {what} of shape {shape} do not fit its weight {w} "
-                             f"(expected {want})")
+            raise ValueError(
+                f"layer {self.name!r}: {what} of shape {shape} do not fit its weight {w} "
+                f"(expected {want})"
+            )
 
     def check_output_grad(self, x: Any, g: Any) -> None:
         xs, gs = list(x.shape), list(getattr(g, "shape", ()))
@@ -115,12 +137,23 @@ class Layer:
         else:
             spec = self.core_spec(self._nchw(x))
             c = spec.conv
-            oh, ow = maccore.conv2d_output_size(tuple(self._nchw(x).shape[2:]), c.kernel_size,
-                                                stride=c.stride, padding=c.padding, dilation=c.dilation)
-            want = [xs[0], oh, ow, self.d_out] if self.layout == "flax" else [xs[0], self.d_out, oh, ow]
+            oh, ow = maccore.conv2d_output_size(
+                tuple(self._nchw(x).shape[2:]),
+                c.kernel_size,
+                stride=c.stride,
+                padding=c.padding,
+                dilation=c.dilation,
+            )
+            want = (
+                [xs[0], oh, ow, self.d_out]
+                if self.layout == "flax"
+                else [xs[0], self.d_out, oh, ow]
+            )
         if gs != want:
-            raise ValueError(f"layer {self.name!r}: output_grads of shape {gs} do not match its output "
-                             f"{want} (input {xs}, weight {list(self.weight_shape)})")
+            raise ValueError(
+                f"layer {self.name!r}: output_grads of shape {gs} do not match its output "
+                f"{want} (input {xs}, weight {list(self.weight_shape)})"
+            )
 
     def rows(self, x: Any, *, reduce: bool = False) -> Any:
         if self.kind is LayerKind.LINEAR:
@@ -140,8 +173,15 @@ class Layer:
             return jnp.concatenate([mean, jnp.ones((1,), mean.dtype)]) if self.has_bias else mean
         xn = self._nchw(x)
         c = self.core_spec(xn).conv
-        return maccore.conv2d_mean_patch(xn, c.kernel_size, stride=c.stride, padding=c.padding,
-                                         dilation=c.dilation, bias=self.has_bias, groups=c.groups)
+        return maccore.conv2d_mean_patch(
+            xn,
+            c.kernel_size,
+            stride=c.stride,
+            padding=c.padding,
+            dilation=c.dilation,
+            bias=self.has_bias,
+            groups=c.groups,
+        )
 
     def forward(self, x: Any, w: Any, b: Any) -> Any:
         """Output of a dense layer (used to recompute a fused qkv projection's attention)."""
@@ -156,7 +196,9 @@ def _resolve_padding(c: Conv, hw: tuple[int, ...], k: tuple[int, ...]) -> Any:
     if mode == "VALID":
         return ((0, 0), (0, 0))
     if mode != "SAME":
-        raise ValueError(f"Conv padding {c.padding!r} is not supported (use 'SAME', 'VALID' or explicit pads)")
+        raise ValueError(
+            f"Conv padding {c.padding!r} is not supported (use 'SAME', 'VALID' or explicit pads)"
+        )
     st = maccore.ConvSpec(k, stride=c.stride, dilation=c.dilation)
     pads = []
     for n, kk, s, d in zip(hw, k, st.stride, st.dilation):
@@ -206,8 +248,13 @@ def lookup(tree: Any, what: str) -> dict[str, Any]:
 _UNSET = object()
 
 
-def discover(tree: Any, *, layout: str, layers: Mapping[str, Any] | None = None,
-             attention: Mapping[str, QkvSpec] | None = None) -> tuple[dict[str, Layer], list, Any]:
+def discover(
+    tree: Any,
+    *,
+    layout: str,
+    layers: Mapping[str, Any] | None = None,
+    attention: Mapping[str, QkvSpec] | None = None,
+) -> tuple[dict[str, Layer], list, Any]:
     """Find the preconditioned layers of a params/gradients tree.
 
     Returns ``(layers, leaves, treedef)``: ``layers`` maps names to :class:`Layer` (in tree order),
@@ -247,44 +294,68 @@ def discover(tree: Any, *, layout: str, layers: Mapping[str, Any] | None = None,
                 raise ValueError(
                     f"layer {name!r} has a {len(shape)}-D {wkey} {list(shape)}: declare it with "
                     f"layers={{{name!r}: maccore_jax.Conv(padding=..., stride=...)}} (4-D conv) or "
-                    f"exclude it with layers={{{name!r}: None}}")
+                    f"exclude it with layers={{{name!r}: None}}"
+                )
             spec = Dense()
         bias_shape = tuple(leaves[members["bias"]].shape) if "bias" in members else None
         found[name] = _make_layer(name, spec, shape, layout, wkey, members, bias_shape)
     unknown = sorted(set(cfg) - seen)
     if unknown:
-        raise ValueError(f"layers/attention name unknown layers {unknown}; the tree has layers "
-                         f"{sorted(seen)} (layout={layout!r})")
-    if not found and not seen and any(_keys(p)[-1:] == ({"kernel": "weight", "weight": "kernel"}[wkey],)
-                                      for p, _ in flat):
+        raise ValueError(
+            f"layers/attention name unknown layers {unknown}; the tree has layers "
+            f"{sorted(seen)} (layout={layout!r})"
+        )
+    if (
+        not found
+        and not seen
+        and any(_keys(p)[-1:] == ({"kernel": "weight", "weight": "kernel"}[wkey],) for p, _ in flat)
+    ):
         other = "equinox" if layout == "flax" else "flax"
-        raise ValueError(f"no '{wkey}' leaves found for layout={layout!r}; did you mean layout={other!r}?")
+        raise ValueError(
+            f"no '{wkey}' leaves found for layout={layout!r}; did you mean layout={other!r}?"
+        )
     return found, leaves, treedef
 
 
 def _make_layer(name, spec, shape, layout, wkey, members, bias_shape) -> Layer:
     has_bias = "bias" in members
-    common = dict(name=name, layout=layout, weight_shape=shape, has_bias=has_bias,
-                  weight_index=members[wkey], bias_index=members.get("bias"), bias_shape=bias_shape)
+    common = dict(
+        name=name,
+        layout=layout,
+        weight_shape=shape,
+        has_bias=has_bias,
+        weight_index=members[wkey],
+        bias_index=members.get("bias"),
+        bias_shape=bias_shape,
+    )
     if isinstance(spec, (Dense, QkvSpec)):
         if len(shape) != 2:
-            raise ValueError(f"layer {name!r}: declared {type(spec).__name__} but its {wkey} has shape "
-                             f"{list(shape)} (expected 2-D)")
+            raise ValueError(
+                f"layer {name!r}: declared {type(spec).__name__} but its {wkey} has shape "
+                f"{list(shape)} (expected 2-D)"
+            )
         d_in, d_out = shape if layout == "flax" else shape[::-1]
         qkv = spec if isinstance(spec, QkvSpec) and spec.mode != "off" else None
         if qkv is not None and d_out % (3 * qkv.num_heads):
-            raise ValueError(f"layer {name!r}: {d_out} outputs are not divisible by 3 · num_heads = "
-                             f"{3 * qkv.num_heads}")
+            raise ValueError(
+                f"layer {name!r}: {d_out} outputs are not divisible by 3 · num_heads = "
+                f"{3 * qkv.num_heads}"
+            )
         return Layer(kind=LayerKind.LINEAR, d_in=d_in, d_out=d_out, qkv=qkv, **common)
     if isinstance(spec, Conv):
         if len(shape) != 4:
-            raise ValueError(f"layer {name!r}: declared Conv but its {wkey} has shape {list(shape)} "
-                             "(expected 4-D: HWIO for flax, OIHW for equinox)")
+            raise ValueError(
+                f"layer {name!r}: declared Conv but its {wkey} has shape {list(shape)} "
+                "(expected 4-D: HWIO for flax, OIHW for equinox)"
+            )
         kh, kw, cin, cout = shape if layout == "flax" else (shape[2], shape[3], shape[1], shape[0])
         if spec.groups != 1 and cin != 1:
-            raise ValueError(f"layer {name!r}: only groups=1 and depthwise convs are supported, got "
-                             f"groups={spec.groups} with weight {list(shape)}")
+            raise ValueError(
+                f"layer {name!r}: only groups=1 and depthwise convs are supported, got "
+                f"groups={spec.groups} with weight {list(shape)}"
+            )
         d_in = kh * kw if spec.groups != 1 else cin * kh * kw
         return Layer(kind=LayerKind.CONV2D, d_in=d_in, d_out=cout, conv=spec, **common)
-    raise TypeError(f"layers[{name!r}] must be maccore_jax.Dense(), Conv(...), QKV(...) or None, got {spec!r}")
-
+    raise TypeError(
+        f"layers[{name!r}] must be maccore_jax.Dense(), Conv(...), QKV(...) or None, got {spec!r}"
+    )

@@ -72,9 +72,16 @@ class Method(NamedTuple):
     needs_params: Callable[[Layer], bool] = lambda layer: False
 
 
-def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layers: Mapping | None = None,
-                       attention: Mapping | None = None, layout: str = "flax",
-                       axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+def scale_by_curvature(
+    method: Method,
+    *,
+    t_cov: int = 5,
+    t_inv: int = 50,
+    layers: Mapping | None = None,
+    attention: Mapping | None = None,
+    layout: str = "flax",
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Precondition the gradients of every discovered layer with ``method`` (see module docstring)."""
     maccore.is_due(0, t_cov), maccore.is_due(0, t_inv)  # validates the periods
     where = f"scale_by_{method.name}"
@@ -95,10 +102,16 @@ def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layer
     def update_fn(updates, state, params=None, *, activations=None, output_grads=None, **extra):
         found, leaves, treedef = find(updates)
         if set(found) != set(state.layers):
-            raise ValueError(f"{where}: the state was initialised for layers {sorted(state.layers)} but "
-                             f"the gradients have layers {sorted(found)}")
+            raise ValueError(
+                f"{where}: the state was initialised for layers {sorted(state.layers)} but "
+                f"the gradients have layers {sorted(found)}"
+            )
         acts = _match(activations, found, "activations", where, excluded)
-        gouts = _match(output_grads, found, "output_grads", where, excluded) if method.needs_output_grads else {}
+        gouts = (
+            _match(output_grads, found, "output_grads", where, excluded)
+            if method.needs_output_grads
+            else {}
+        )
         pleaves = None
         if any(method.needs_params(layer) for layer in found.values()):
             if params is None:
@@ -137,25 +150,36 @@ def scale_by_curvature(method: Method, *, t_cov: int = 5, t_inv: int = 50, layer
             if b is not None:
                 out[layer.bias_index] = b
         return jax.tree_util.tree_unflatten(treedef, out), CurvatureState(
-            optax.safe_int32_increment(state.count), ls)
+            optax.safe_int32_increment(state.count), ls
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _match(tree: Any, found: dict[str, Layer], what: str, where: str, excluded: set) -> dict[str, Any]:
+def _match(
+    tree: Any, found: dict[str, Layer], what: str, where: str, excluded: set
+) -> dict[str, Any]:
     if tree is None:
-        raise ValueError(f"{where}: update needs {what}= (a tree like params with each layer's "
-                         f"{'input' if what == 'activations' else 'output gradient'}), for layers {list(found)}")
+        raise ValueError(
+            f"{where}: update needs {what}= (a tree like params with each layer's "
+            f"{'input' if what == 'activations' else 'output gradient'}), for layers {list(found)}"
+        )
     got = lookup(tree, what)
     missing = [n for n in found if n not in got]
     if missing:
-        desc = ", ".join(f"{n!r} ({found[n].layout} weight {list(found[n].weight_shape)})" for n in missing)
-        raise ValueError(f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
-                         f"with layers={{name: None}}. {what} has {sorted(got)}")
+        desc = ", ".join(
+            f"{n!r} ({found[n].layout} weight {list(found[n].weight_shape)})" for n in missing
+        )
+        raise ValueError(
+            f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
+            f"with layers={{name: None}}. {what} has {sorted(got)}"
+        )
     extra = sorted(set(got) - set(found) - excluded)
     if extra:
-        raise ValueError(f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
-                         f"gradient tree (layers: {sorted(found)})")
+        raise ValueError(
+            f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
+            f"gradient tree (layers: {sorted(found)})"
+        )
     return got
 
 
@@ -167,7 +191,9 @@ class AttentionMacState(NamedTuple):
     value: maccore.MacState
 
 
-def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "reference") -> Method:
+def mac_method(
+    *, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "reference"
+) -> Method:
     """MAC (MATH.md §3): ā per layer, the attention-weighted v̄ for the V rows of declared qkv layers."""
     pc = maccore.mac(decay=stat_decay, damping=damping, scale=scale)
 
@@ -176,20 +202,25 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
         if layer.qkv is None:
             return st
         heads = layer.qkv.num_heads if layer.qkv.mode == "per_head" else None
-        return AttentionMacState(st, pc.init(layer.d_tilde, layer.d_out, xp=_xp(), heads=heads, dtype=dtype))
+        return AttentionMacState(
+            st, pc.init(layer.d_tilde, layer.d_out, xp=_xp(), heads=heads, dtype=dtype)
+        )
 
     def statistics(layer, x, g, w, b, extra):
         if layer.qkv is None:
             return layer.mean(x)
         q, k, _ = maccore.split_qkv(layer.forward(x, w, b), layer.qkv.num_heads)
         attn = maccore.attention_probs(q, k, causal=layer.qkv.causal)
-        return layer.mean(x), maccore.attention_weighted_mean(x, attn, bias=layer.has_bias,
-                                                              mode=layer.qkv.mode)
+        return layer.mean(x), maccore.attention_weighted_mean(
+            x, attn, bias=layer.has_bias, mode=layer.qkv.mode
+        )
 
     def update(layer, st, stats):
         if layer.qkv is None:
             return pc.update(st, mean=stats)
-        return AttentionMacState(pc.update(st.main, mean=stats[0]), pc.update(st.value, mean=stats[1]))
+        return AttentionMacState(
+            pc.update(st.main, mean=stats[0]), pc.update(st.value, mean=stats[1])
+        )
 
     def refresh(layer, st):
         if layer.qkv is None:
@@ -200,15 +231,30 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
         if layer.qkv is None:
             return pc.apply(st, mat)
         d = layer.d_out // 3
-        return jnp.concatenate([pc.apply(st.main, mat[: 2 * d]), pc.apply(st.value, mat[2 * d:])], axis=0)
+        return jnp.concatenate(
+            [pc.apply(st.main, mat[: 2 * d]), pc.apply(st.value, mat[2 * d :])], axis=0
+        )
 
-    return Method("mac", init, statistics, update, refresh, apply,
-                  needs_params=lambda layer: layer.qkv is not None)
+    return Method(
+        "mac",
+        init,
+        statistics,
+        update,
+        refresh,
+        apply,
+        needs_params=lambda layer: layer.qkv is not None,
+    )
 
 
 # ---- KFAC ------------------------------------------------------------------------------------------
-def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: str = "tikhonov",
-                kfac_approx: str = "expand", reduction_factor: float | None = None) -> Method:
+def kfac_method(
+    *,
+    stat_decay: float = 0.95,
+    damping: Any = 1e-3,
+    damping_mode: str = "tikhonov",
+    kfac_approx: str = "expand",
+    reduction_factor: float | None = None,
+) -> Method:
     """Exact KFAC (MATH.md §1): A from the inputs, G = (1/R) Σ g gᵀ from the output gradients.
 
     ``reduction_factor`` R (e.g. ``1/N`` for a loss averaged over N samples on this device) may instead
@@ -223,9 +269,11 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
     def statistics(layer, x, g, w, b, extra):
         r = extra.get("reduction_factor", reduction_factor)
         if r is None:
-            raise ValueError("scale_by_kfac: the reduction factor R is required (the loss is R·Σ terms, e.g. "
-                             "R = 1/N for a mean over N samples): pass reduction_factor= to scale_by_kfac "
-                             "or to update")
+            raise ValueError(
+                "scale_by_kfac: the reduction factor R is required (the loss is R·Σ terms, e.g. "
+                "R = 1/N for a mean over N samples): pass reduction_factor= to scale_by_kfac "
+                "or to update"
+            )
         A = maccore.input_factor(layer.rows(x, reduce=reduce))
         G = maccore.gradient_factor(layer.grad_rows(g, reduce=reduce), reduction_factor=r)
         return A, G
@@ -233,14 +281,30 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
     def update(layer, st, stats):
         return pc.update(st, A=stats[0], G=stats[1])
 
-    return Method("kfac", init, statistics, update, lambda layer, st: pc.refresh(st),
-                  lambda layer, st, mat: pc.apply(st, mat), needs_output_grads=True)
+    return Method(
+        "kfac",
+        init,
+        statistics,
+        update,
+        lambda layer, st: pc.refresh(st),
+        lambda layer, st, mat: pc.apply(st, mat),
+        needs_output_grads=True,
+    )
 
 
 # ---- public transformations ------------------------------------------------------------------------
-def scale_by_mac(*, stat_decay: float = 0.95, damping: float = 1.0, t_cov: int = 5, t_inv: int = 50,
-                 scale: str = "reference", attention: Mapping | None = None, layers: Mapping | None = None,
-                 layout: str = "flax", axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+def scale_by_mac(
+    *,
+    stat_decay: float = 0.95,
+    damping: float = 1.0,
+    t_cov: int = 5,
+    t_inv: int = 50,
+    scale: str = "reference",
+    attention: Mapping | None = None,
+    layers: Mapping | None = None,
+    layout: str = "flax",
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """The MAC preconditioner alone; chain it with any optax optimizer.
 
     Args:
@@ -252,15 +316,30 @@ def scale_by_mac(*, stat_decay: float = 0.95, damping: float = 1.0, t_cov: int =
             [d_out, d_in] / OIHW, NCHW inputs).
         axis_name: average the statistics over this mapped axis (``shard_map``/``pmap``).
     """
-    return scale_by_curvature(mac_method(stat_decay=stat_decay, damping=damping, scale=scale), t_cov=t_cov,
-                              t_inv=t_inv, layers=layers, attention=attention, layout=layout,
-                              axis_name=axis_name)
+    return scale_by_curvature(
+        mac_method(stat_decay=stat_decay, damping=damping, scale=scale),
+        t_cov=t_cov,
+        t_inv=t_inv,
+        layers=layers,
+        attention=attention,
+        layout=layout,
+        axis_name=axis_name,
+    )
 
 
-def scale_by_kfac(*, reduction_factor: float | None = None, stat_decay: float = 0.95, damping: Any = 1e-3,
-                  damping_mode: str = "tikhonov", kfac_approx: str = "expand", t_cov: int = 1, t_inv: int = 10,
-                  layers: Mapping | None = None, layout: str = "flax",
-                  axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+def scale_by_kfac(
+    *,
+    reduction_factor: float | None = None,
+    stat_decay: float = 0.95,
+    damping: Any = 1e-3,
+    damping_mode: str = "tikhonov",
+    kfac_approx: str = "expand",
+    t_cov: int = 1,
+    t_inv: int = 10,
+    layers: Mapping | None = None,
+    layout: str = "flax",
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """The exact-KFAC preconditioner alone. ``update`` needs ``activations=`` and ``output_grads=``.
 
     Args:
@@ -270,10 +349,16 @@ def scale_by_kfac(*, reduction_factor: float | None = None, stat_decay: float = 
         kfac_approx: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
         Others as :func:`scale_by_mac`.
     """
-    method = kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
-                         kfac_approx=kfac_approx, reduction_factor=reduction_factor)
-    return scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, layers=layers, layout=layout,
-                              axis_name=axis_name)
+    method = kfac_method(
+        stat_decay=stat_decay,
+        damping=damping,
+        damping_mode=damping_mode,
+        kfac_approx=kfac_approx,
+        reduction_factor=reduction_factor,
+    )
+    return scale_by_curvature(
+        method, t_cov=t_cov, t_inv=t_inv, layers=layers, layout=layout, axis_name=axis_name
+    )
 
 
 class MomentumState(NamedTuple):
@@ -309,25 +394,68 @@ def _optimizer(pre, learning_rate, mom, nesterov, weight_decay, weight_decay_mas
     return optax.chain(*parts)
 
 
-def mac(learning_rate: Any, *, momentum: float = 0.9, stat_decay: float = 0.95, damping: float = 1.0,
-        weight_decay: float = 0.0, t_cov: int = 5, t_inv: int = 50, scale: str = "reference",
-        nesterov: bool = False, attention: Mapping | None = None, layers: Mapping | None = None,
-        layout: str = "flax", axis_name: str | None = None,
-        weight_decay_mask: Any = None) -> optax.GradientTransformationExtraArgs:
+def mac(
+    learning_rate: Any,
+    *,
+    momentum: float = 0.9,
+    stat_decay: float = 0.95,
+    damping: float = 1.0,
+    weight_decay: float = 0.0,
+    t_cov: int = 5,
+    t_inv: int = 50,
+    scale: str = "reference",
+    nesterov: bool = False,
+    attention: Mapping | None = None,
+    layers: Mapping | None = None,
+    layout: str = "flax",
+    axis_name: str | None = None,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
     """MAC with heavy-ball momentum and decoupled weight decay: b ← μb + ĝ, p ← (1 − η wd) p − η b
     (= ``maccore_torch.MAC(weight_decay_mode="decoupled")``). ``learning_rate`` may be a schedule."""
-    pre = scale_by_mac(stat_decay=stat_decay, damping=damping, t_cov=t_cov, t_inv=t_inv, scale=scale,
-                       attention=attention, layers=layers, layout=layout, axis_name=axis_name)
+    pre = scale_by_mac(
+        stat_decay=stat_decay,
+        damping=damping,
+        t_cov=t_cov,
+        t_inv=t_inv,
+        scale=scale,
+        attention=attention,
+        layers=layers,
+        layout=layout,
+        axis_name=axis_name,
+    )
     return _optimizer(pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask)
 
 
-def kfac(learning_rate: Any, *, reduction_factor: float | None = None, momentum: float = 0.9,
-         stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: str = "tikhonov",
-         kfac_approx: str = "expand", weight_decay: float = 0.0, t_cov: int = 1, t_inv: int = 10,
-         nesterov: bool = False, layers: Mapping | None = None, layout: str = "flax",
-         axis_name: str | None = None, weight_decay_mask: Any = None) -> optax.GradientTransformationExtraArgs:
+def kfac(
+    learning_rate: Any,
+    *,
+    reduction_factor: float | None = None,
+    momentum: float = 0.9,
+    stat_decay: float = 0.95,
+    damping: Any = 1e-3,
+    damping_mode: str = "tikhonov",
+    kfac_approx: str = "expand",
+    weight_decay: float = 0.0,
+    t_cov: int = 1,
+    t_inv: int = 10,
+    nesterov: bool = False,
+    layers: Mapping | None = None,
+    layout: str = "flax",
+    axis_name: str | None = None,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
     """Exact KFAC with the same momentum / decoupled weight decay as :func:`mac`."""
-    pre = scale_by_kfac(reduction_factor=reduction_factor, stat_decay=stat_decay, damping=damping,
-                        damping_mode=damping_mode, kfac_approx=kfac_approx, t_cov=t_cov, t_inv=t_inv,
-                        layers=layers, layout=layout, axis_name=axis_name)
+    pre = scale_by_kfac(
+        reduction_factor=reduction_factor,
+        stat_decay=stat_decay,
+        damping=damping,
+        damping_mode=damping_mode,
+        kfac_approx=kfac_approx,
+        t_cov=t_cov,
+        t_inv=t_inv,
+        layers=layers,
+        layout=layout,
+        axis_name=axis_name,
+    )
     return _optimizer(pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask)

@@ -5,7 +5,9 @@ single-device trajectory on the full batch."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -50,6 +52,7 @@ def main():
         return g, acts, go
 
     for name in ("mac", "kfac"):
+
         def make(axis_name=None):
             kw = dict(layers=specs, t_cov=1, t_inv=2, weight_decay=0.01, axis_name=axis_name)
             return mj.mac(0.1, **kw) if name == "mac" else mj.kfac(0.05, damping=0.1, **kw)
@@ -65,13 +68,22 @@ def main():
         def local(p, s, x, y):
             g, acts, go = grads_of(p, x, y)
             g = jax.lax.pmean(g, "batch")
-            u, s = txd.update(g, s, p, activations=acts, output_grads=go, reduction_factor=1.0 / x.shape[0])
+            u, s = txd.update(
+                g, s, p, activations=acts, output_grads=go, reduction_factor=1.0 / x.shape[0]
+            )
             return optax.apply_updates(p, u), s
 
         def sharded(fn):
             # check_vma=False: per-device gradients as under pmap, averaged explicitly with pmean
-            return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-                                         out_specs=(P(), P()), check_vma=False))
+            return jax.jit(
+                jax.shard_map(
+                    fn,
+                    mesh=mesh,
+                    in_specs=(P(), P(), P("batch"), P("batch")),
+                    out_specs=(P(), P()),
+                    check_vma=False,
+                )
+            )
 
         multi = sharded(local)
         p1, s1 = params, tx1.init(params)
@@ -80,12 +92,19 @@ def main():
             p1, s1 = single(p1, s1, x, y)
             p2, s2 = multi(p2, s2, x, y)
         for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-4, atol=2e-5)
-        if name == "mac":  # negative control: local statistics (no axis_name) give another trajectory
+            np.testing.assert_allclose(
+                np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-4, atol=2e-5
+            )
+        if (
+            name == "mac"
+        ):  # negative control: local statistics (no axis_name) give another trajectory
             txd = make()
             p3, _ = sharded(local)(params, txd.init(params), xs[0], ys[0])
             p1, _ = single(params, tx1.init(params), xs[0], ys[0])
-            diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)))
+            diff = max(
+                float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3))
+            )
             assert diff > 1e-4, diff
         print(name, "ok")
     return 0

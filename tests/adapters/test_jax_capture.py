@@ -48,8 +48,12 @@ def test_linen_capture_matches_gradients():
     assert specs["Conv_0"] == mj.Conv(padding="SAME", stride=2, dilation=1, groups=1)
     assert specs["Conv_1"].dilation == (1, 2) and specs["Dense_0"] == mj.Dense()
     perts = mj.linen.output_zeros(model, variables, x)
-    assert jax.tree.map(jnp.shape, perts) == {"Conv_0": (3, 5, 7, 3), "Conv_1": (3, 4, 3, 4),
-                                              "Dense_0": (3, 4, 3, 5), "Dense_1": (3, 2)}
+    assert jax.tree.map(jnp.shape, perts) == {
+        "Conv_0": (3, 5, 7, 3),
+        "Conv_1": (3, 4, 3, 4),
+        "Dense_0": (3, 4, 3, 5),
+        "Dense_1": (3, 2),
+    }
 
     @jax.jit
     def grads(params, perts):
@@ -72,9 +76,15 @@ def test_nnx_capture_and_optimizer():
 
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.conv = nnx.Conv(2, 3, (3, 3), strides=2, padding="SAME", rngs=rngs, param_dtype=F32)
-            self.layers = nnx.List([nnx.Linear(3, 4, rngs=rngs, param_dtype=F32),
-                                    nnx.Linear(4, 2, use_bias=False, rngs=rngs, param_dtype=F32)])
+            self.conv = nnx.Conv(
+                2, 3, (3, 3), strides=2, padding="SAME", rngs=rngs, param_dtype=F32
+            )
+            self.layers = nnx.List(
+                [
+                    nnx.Linear(3, 4, rngs=rngs, param_dtype=F32),
+                    nnx.Linear(4, 2, use_bias=False, rngs=rngs, param_dtype=F32),
+                ]
+            )
             self.norm = nnx.LayerNorm(4, rngs=rngs, param_dtype=F32)
 
         def __call__(self, x):
@@ -86,7 +96,10 @@ def test_nnx_capture_and_optimizer():
     specs = mj.nnx.layer_specs(model)
     assert set(specs) == {"conv", "layers/0", "layers/1"}
     perts = mj.nnx.output_zeros(model, x)
-    assert jax.tree.map(jnp.shape, perts) == {"conv": (5, 4, 4, 3), "layers": {0: (5, 4), 1: (5, 2)}}
+    assert jax.tree.map(jnp.shape, perts) == {
+        "conv": (5, 4, 4, 3),
+        "layers": {0: (5, 4), 1: (5, 2)},
+    }
 
     def loss_fn(m, q):
         out, acts = mj.nnx.apply(m, x, perturbations=q)
@@ -97,10 +110,17 @@ def test_nnx_capture_and_optimizer():
     assert type(model.layers[0]).__call__ is nnx.Linear.__call__  # the class patch is undone
 
     # nnx.Optimizer forwards activations/output_grads to tx.update; compare with optax directly
-    tx = mj.kfac(0.05, reduction_factor=1 / 5, layers=specs, t_cov=1, t_inv=1, damping=0.1, weight_decay=0.1)
+    tx = mj.kfac(
+        0.05, reduction_factor=1 / 5, layers=specs, t_cov=1, t_inv=1, damping=0.1, weight_decay=0.1
+    )
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    ref_u, _ = tx.update(nnx.as_pure(nnx.state(g, nnx.Param)), tx.init(params), params,
-                         activations=acts, output_grads=gouts)
+    ref_u, _ = tx.update(
+        nnx.as_pure(nnx.state(g, nnx.Param)),
+        tx.init(params),
+        params,
+        activations=acts,
+        output_grads=gouts,
+    )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -125,7 +145,10 @@ def test_equinox_capture_and_layout():
         def __init__(self, key):
             k = jax.random.split(key, 4)
             self.conv = eqx.nn.Conv2d(2, 3, 3, stride=2, padding=1, key=k[0])
-            self.layers = [eqx.nn.Linear(3, 4, key=k[1]), eqx.nn.Linear(4, 2, use_bias=False, key=k[2])]
+            self.layers = [
+                eqx.nn.Linear(3, 4, key=k[1]),
+                eqx.nn.Linear(4, 2, use_bias=False, key=k[2]),
+            ]
             self.emb = eqx.nn.Embedding(5, 2, key=k[3])
 
         def __call__(self, x):
@@ -136,17 +159,27 @@ def test_equinox_capture_and_layout():
     model = jax.tree.map(lambda a: a.astype(F32) if eqx.is_inexact_array(a) else a, model)
     x, y = normal(0, (5, 2, 7, 8)), normal(1, (5, 2))
     specs = mj.equinox.layer_specs(model)
-    assert specs == {"conv": mj.Conv(padding=((1, 1), (1, 1)), stride=(2, 2), dilation=(1, 1), groups=1),
-                     "layers/0": mj.Dense(), "layers/1": mj.Dense(), "emb": None}
+    assert specs == {
+        "conv": mj.Conv(padding=((1, 1), (1, 1)), stride=(2, 2), dilation=(1, 1), groups=1),
+        "layers/0": mj.Dense(),
+        "layers/1": mj.Dense(),
+        "emb": None,
+    }
     perts = mj.equinox.output_zeros(model, x)
-    assert jax.tree.map(jnp.shape, perts) == {"conv": (5, 3, 4, 4), "layers/0": (5, 4), "layers/1": (5, 2)}
+    assert jax.tree.map(jnp.shape, perts) == {
+        "conv": (5, 3, 4, 4),
+        "layers/0": (5, 4),
+        "layers/1": (5, 2),
+    }
     params, static = eqx.partition(model, eqx.is_array)
 
     def loss_fn(p, q):
         out, acts = mj.equinox.apply(eqx.combine(p, static), x, perturbations=q)
         return jnp.mean(jnp.sum((out - y) ** 2, -1)), acts
 
-    (_, acts), (g, gouts) = jax.jit(jax.value_and_grad(loss_fn, (0, 1), has_aux=True))(params, perts)
+    (_, acts), (g, gouts) = jax.jit(jax.value_and_grad(loss_fn, (0, 1), has_aux=True))(
+        params, perts
+    )
     np.testing.assert_array_equal(np.asarray(acts["conv"]), np.asarray(x))
     check_identity(g, acts, gouts, layout="equinox", layers=specs)
     tx = mj.mac(0.1, layout="equinox", layers=specs, t_cov=1, t_inv=1)
@@ -172,10 +205,17 @@ def test_depthwise_conv_mac():
     tx = mj.scale_by_mac(layers=specs, t_cov=1, t_inv=1)
     grads = jax.tree.map(jnp.ones_like, variables["params"])
     u, st = jax.jit(tx.update)(grads, tx.init(variables["params"]), activations=acts)
-    assert st.layers["Conv_0"].mean_hat.shape == (10,) and u["Conv_0"]["kernel"].shape == (3, 3, 1, 6)
+    assert st.layers["Conv_0"].mean_hat.shape == (10,) and u["Conv_0"]["kernel"].shape == (
+        3,
+        3,
+        1,
+        6,
+    )
     import maccore
 
-    ref = maccore.conv2d_mean_patch(to_np(x).transpose(0, 3, 1, 2), 3, padding=1, bias=True, groups=3)
+    ref = maccore.conv2d_mean_patch(
+        to_np(x).transpose(0, 3, 1, 2), 3, padding=1, bias=True, groups=3
+    )
     np.testing.assert_allclose(to_np(st.layers["Conv_0"].mean_hat), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -194,10 +234,15 @@ def test_capture_errors():
     x = normal(0, (3, 9, 14, 2))
     v = model.init(jax.random.key(0), x)
     perts = mj.linen.output_zeros(model, v, x)
-    with pytest.raises(ValueError, match=r"layer 'Dense_1' outputs \[3, 2\] but its perturbation has shape \[3, 7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'Dense_1' outputs \[3, 2\] but its perturbation has shape \[3, 7\]",
+    ):
         mj.linen.apply(model, v, x, perturbations={**perts, "Dense_1": jnp.zeros((3, 7), F32)})
     with pytest.raises(ValueError, match="no entry for layer 'Dense_1'"):
-        mj.linen.apply(model, v, x, perturbations={k: p for k, p in perts.items() if k != "Dense_1"})
+        mj.linen.apply(
+            model, v, x, perturbations={k: p for k, p in perts.items() if k != "Dense_1"}
+        )
 
 
 def test_unsupported_conv_is_left_to_momentum():

@@ -18,10 +18,16 @@ from tests.adapters._jax_common import ADAPTERS, ROOT
 @pytest.mark.distributed
 def test_shard_map_statistics_match_single_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-    env["PYTHONPATH"] = os.pathsep.join([ADAPTERS, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ADAPTERS, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env.pop("JAX_ENABLE_X64", None)
     script = Path(__file__).with_name("_jax_multidevice_script.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
     assert "mac ok" in proc.stdout and "kfac ok" in proc.stdout

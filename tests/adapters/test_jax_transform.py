@@ -37,10 +37,16 @@ def step_data(t):
     """Gradients, layer inputs (NHWC / [N, S, d]) and layer output gradients of step t."""
     s = 100 * (t + 1)
     grads = jax.tree.map(lambda p: normal(s + p.size, p.shape), tree_params())
-    acts = {"conv": normal(s + 1, (N, 7, 6, 2)) + 0.5, "block": {"dense": normal(s + 2, (N, 3, 4)) + 1.0},
-            "head": jax.nn.relu(normal(s + 3, (N, 5)))}
-    gouts = {"conv": normal(s + 4, (N, 3, 3, 4), 0.1), "block": {"dense": normal(s + 5, (N, 3, 5), 0.1)},
-             "head": normal(s + 6, (N, 3), 0.1)}
+    acts = {
+        "conv": normal(s + 1, (N, 7, 6, 2)) + 0.5,
+        "block": {"dense": normal(s + 2, (N, 3, 4)) + 1.0},
+        "head": jax.nn.relu(normal(s + 3, (N, 5))),
+    }
+    gouts = {
+        "conv": normal(s + 4, (N, 3, 3, 4), 0.1),
+        "block": {"dense": normal(s + 5, (N, 3, 5), 0.1)},
+        "head": normal(s + 6, (N, 3), 0.1),
+    }
     return grads, acts, gouts
 
 
@@ -49,18 +55,39 @@ def ref_layers(acts, gouts, reduce=False):
     """name -> (rows, grad_rows, to_mat, from_mat)."""
     x = to_np(acts["conv"]).transpose(0, 3, 1, 2)
     out = {
-        "conv": (maccore.conv2d_rows(x, bias=True, reduce=reduce, **CONV),
-                 None if gouts is None else maccore.conv2d_grad_rows(to_np(gouts["conv"]).transpose(0, 3, 1, 2), reduce=reduce),
-                 lambda g: np.concatenate([to_np(g["kernel"]).transpose(3, 2, 0, 1).reshape(4, -1),
-                                           to_np(g["bias"])[:, None]], 1),
-                 lambda m: {"kernel": m[:, :-1].reshape(4, 2, 3, 3).transpose(2, 3, 1, 0), "bias": m[:, -1]}),
-        "block/dense": (maccore.linear_rows(to_np(acts["block"]["dense"]), bias=True, reduce=reduce),
-                        None if gouts is None else maccore.grad_rows(to_np(gouts["block"]["dense"]), reduce=reduce),
-                        lambda g: np.concatenate([to_np(g["kernel"]).T, to_np(g["bias"])[:, None]], 1),
-                        lambda m: {"kernel": m[:, :-1].T, "bias": m[:, -1]}),
-        "head": (maccore.linear_rows(to_np(acts["head"]), bias=False),
-                 None if gouts is None else maccore.grad_rows(to_np(gouts["head"])),
-                 lambda g: to_np(g["kernel"]).T, lambda m: {"kernel": m.T}),
+        "conv": (
+            maccore.conv2d_rows(x, bias=True, reduce=reduce, **CONV),
+            None
+            if gouts is None
+            else maccore.conv2d_grad_rows(
+                to_np(gouts["conv"]).transpose(0, 3, 1, 2), reduce=reduce
+            ),
+            lambda g: np.concatenate(
+                [
+                    to_np(g["kernel"]).transpose(3, 2, 0, 1).reshape(4, -1),
+                    to_np(g["bias"])[:, None],
+                ],
+                1,
+            ),
+            lambda m: {
+                "kernel": m[:, :-1].reshape(4, 2, 3, 3).transpose(2, 3, 1, 0),
+                "bias": m[:, -1],
+            },
+        ),
+        "block/dense": (
+            maccore.linear_rows(to_np(acts["block"]["dense"]), bias=True, reduce=reduce),
+            None
+            if gouts is None
+            else maccore.grad_rows(to_np(gouts["block"]["dense"]), reduce=reduce),
+            lambda g: np.concatenate([to_np(g["kernel"]).T, to_np(g["bias"])[:, None]], 1),
+            lambda m: {"kernel": m[:, :-1].T, "bias": m[:, -1]},
+        ),
+        "head": (
+            maccore.linear_rows(to_np(acts["head"]), bias=False),
+            None if gouts is None else maccore.grad_rows(to_np(gouts["head"])),
+            lambda g: to_np(g["kernel"]).T,
+            lambda m: {"kernel": m.T},
+        ),
     }
     return out
 
@@ -81,7 +108,11 @@ def ref_run(pc, steps, t_cov, t_inv, *, kfac_r=None, reduce=False):
         new = jax.tree.map(to_np, grads)
         for n, (rows, grows, to_mat, from_mat) in lay.items():
             if t % t_cov == 0:
-                states[n] = pc.update(states[n], rows, grows, reduction_factor=kfac_r) if kfac_r else pc.update(states[n], rows)
+                states[n] = (
+                    pc.update(states[n], rows, grows, reduction_factor=kfac_r)
+                    if kfac_r
+                    else pc.update(states[n], rows)
+                )
             if t % t_inv == 0:
                 states[n] = pc.refresh(states[n])
             node = sub(new, n)
@@ -111,16 +142,29 @@ def test_mac_adapter_equals_core():
     assert int(state.count) == 7
     for n, st in ref_states.items():
         assert int(state.layers[n].mean.count) == 4  # EMA updates at t = 0, 2, 4, 6
-        np.testing.assert_allclose(to_np(state.layers[n].mean_hat), st.mean_hat, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            to_np(state.layers[n].mean_hat), st.mean_hat, rtol=1e-5, atol=1e-6
+        )
 
 
-@pytest.mark.parametrize("mode,kfac_approx", [("tikhonov", "expand"), ("pi", "reduce"), ("exact", "expand")])
+@pytest.mark.parametrize(
+    "mode,kfac_approx", [("tikhonov", "expand"), ("pi", "reduce"), ("exact", "expand")]
+)
 def test_kfac_adapter_equals_core(mode, kfac_approx):
     r = 1.0 / N
-    tx = mj.scale_by_kfac(reduction_factor=r, damping=0.3, damping_mode=mode, kfac_approx=kfac_approx,
-                          t_cov=1, t_inv=2, layers=LAYERS)
+    tx = mj.scale_by_kfac(
+        reduction_factor=r,
+        damping=0.3,
+        damping_mode=mode,
+        kfac_approx=kfac_approx,
+        t_cov=1,
+        t_inv=2,
+        layers=LAYERS,
+    )
     outs, _ = run(tx, 3, kfac=True)
-    ref, _ = ref_run(maccore.kfac(damping=0.3, mode=mode), 3, 1, 2, kfac_r=r, reduce=kfac_approx == "reduce")
+    ref, _ = ref_run(
+        maccore.kfac(damping=0.3, mode=mode), 3, 1, 2, kfac_r=r, reduce=kfac_approx == "reduce"
+    )
     for o, rr in zip(outs, ref):
         tree_allclose(o, rr, rtol=1e-4, atol=1e-4)
 
@@ -131,16 +175,26 @@ def test_kfac_reduction_factor_per_update():
     state = tx.init(tree_params())
     with pytest.raises(ValueError, match="reduction factor"):
         tx.update(grads, state, activations=acts, output_grads=gouts)
-    a, _ = jax.jit(tx.update)(grads, state, activations=acts, output_grads=gouts, reduction_factor=0.25)
+    a, _ = jax.jit(tx.update)(
+        grads, state, activations=acts, output_grads=gouts, reduction_factor=0.25
+    )
     b, _ = jax.jit(mj.scale_by_kfac(reduction_factor=0.25, t_cov=1, t_inv=1, layers=LAYERS).update)(
-        grads, state, activations=acts, output_grads=gouts)
+        grads, state, activations=acts, output_grads=gouts
+    )
     tree_allclose(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kfac", [False, True])
 def test_jit_equals_eager(kfac):
-    make = (lambda: mj.kfac(0.1, reduction_factor=0.25, t_cov=2, t_inv=3, layers=LAYERS, weight_decay=0.1)) \
-        if kfac else (lambda: mj.mac(0.1, t_cov=2, t_inv=3, layers=LAYERS, weight_decay=0.1, nesterov=True))
+    make = (
+        (
+            lambda: mj.kfac(
+                0.1, reduction_factor=0.25, t_cov=2, t_inv=3, layers=LAYERS, weight_decay=0.1
+            )
+        )
+        if kfac
+        else (lambda: mj.mac(0.1, t_cov=2, t_inv=3, layers=LAYERS, weight_decay=0.1, nesterov=True))
+    )
     eager, s1 = run(make(), 2, kfac=kfac, jit=False)
     jitted, s2 = run(make(), 2, kfac=kfac, jit=True)
     for a, b in zip(eager, jitted):
@@ -152,7 +206,9 @@ def test_jit_equals_eager(kfac):
 def test_optimizer_is_momentum_and_decoupled_weight_decay(nesterov):
     lr, mu, wd = 0.3, 0.8, 0.05
     pre = mj.scale_by_mac(t_cov=2, t_inv=3, layers=LAYERS)
-    tx = mj.mac(lr, momentum=mu, weight_decay=wd, t_cov=2, t_inv=3, layers=LAYERS, nesterov=nesterov)
+    tx = mj.mac(
+        lr, momentum=mu, weight_decay=wd, t_cov=2, t_inv=3, layers=LAYERS, nesterov=nesterov
+    )
     sp, so = pre.init(tree_params()), tx.init(tree_params())
     pre_update, tx_update = jax.jit(pre.update), jax.jit(tx.update)
     p = tree_params()
@@ -161,7 +217,11 @@ def test_optimizer_is_momentum_and_decoupled_weight_decay(nesterov):
         grads, acts, _ = step_data(t)
         g, sp = pre_update(grads, sp, activations=acts)
         b = jax.tree.map(lambda b_, g_: mu * b_ + g_, b, g)
-        d = b if not nesterov else (g if t == 0 else jax.tree.map(lambda g_, b_: g_ + mu * b_, g, b))
+        d = (
+            b
+            if not nesterov
+            else (g if t == 0 else jax.tree.map(lambda g_, b_: g_ + mu * b_, g, b))
+        )
         expected = jax.tree.map(lambda p_, d_: (1 - lr * wd) * p_ - lr * d_, p, d)
         u, so = tx_update(grads, so, p, activations=acts)
         p = optax.apply_updates(p, u)
@@ -187,7 +247,9 @@ def test_attention_adapter_equals_core(mode, causal):
     state = tx.init(params)
     pc = maccore.mac(damping=0.7)
     main = pc.init(d + 1, 3 * d, xp=NPX, dtype=np.float64)
-    val = pc.init(d + 1, 3 * d, xp=NPX, dtype=np.float64, heads=heads if mode == "per_head" else None)
+    val = pc.init(
+        d + 1, 3 * d, xp=NPX, dtype=np.float64, heads=heads if mode == "per_head" else None
+    )
     w, bias = to_np(params["qkv"]["kernel"]), to_np(params["qkv"]["bias"])
     for t in range(2):
         x = normal(20 + t, (b_, n, d))
@@ -195,11 +257,13 @@ def test_attention_adapter_equals_core(mode, causal):
         u, state = jax.jit(tx.update)(g, state, params, activations={"qkv": x})
         xn = to_np(x)
         q, k, _ = maccore.split_qkv(xn @ w + bias, heads)
-        vbar = maccore.attention_weighted_mean(xn, maccore.attention_probs(q, k, causal=causal), bias=True, mode=mode)
+        vbar = maccore.attention_weighted_mean(
+            xn, maccore.attention_probs(q, k, causal=causal), bias=True, mode=mode
+        )
         main = pc.refresh(pc.update(main, maccore.linear_rows(xn, bias=True)))
         val = pc.refresh(pc.update(val, mean=vbar))
         gm = np.concatenate([to_np(g["qkv"]["kernel"]).T, to_np(g["qkv"]["bias"])[:, None]], 1)
-        ref = np.concatenate([pc.apply(main, gm[: 2 * d]), pc.apply(val, gm[2 * d:])], 0)
+        ref = np.concatenate([pc.apply(main, gm[: 2 * d]), pc.apply(val, gm[2 * d :])], 0)
         np.testing.assert_allclose(to_np(u["qkv"]["kernel"]), ref[:, :-1].T, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(to_np(u["qkv"]["bias"]), ref[:, -1], rtol=2e-5, atol=2e-5)
 
@@ -258,11 +322,19 @@ def test_checkpoint_round_trip_resumes_identically(tmp_path):
 # ---- bad input -------------------------------------------------------------------------------------
 def _bad(match, *, acts=None, gouts=None, grads=None, kfac=False, layers=LAYERS, init_params=None):
     g, a, go = step_data(0)
-    tx = (mj.scale_by_kfac(reduction_factor=1.0, layers=layers) if kfac else mj.scale_by_mac(layers=layers))
+    tx = (
+        mj.scale_by_kfac(reduction_factor=1.0, layers=layers)
+        if kfac
+        else mj.scale_by_mac(layers=layers)
+    )
     with pytest.raises((ValueError, TypeError), match=match):
         state = tx.init(tree_params() if init_params is None else init_params)
-        tx.update(g if grads is None else grads, state, activations=a if acts is None else acts,
-                  output_grads=go if gouts is None else gouts)
+        tx.update(
+            g if grads is None else grads,
+            state,
+            activations=a if acts is None else acts,
+            output_grads=go if gouts is None else gouts,
+        )
 
 
 def test_error_missing_activations():
@@ -282,28 +354,43 @@ def test_error_extra_activations():
 
 def test_error_wrong_shapes():
     _, a, go = step_data(0)
-    _bad(r"layer 'head': activations of shape \[4, 7\] do not fit its weight \[5, 3\]",
-         acts={**a, "head": normal(0, (4, 7))})
-    _bad(r"layer 'conv': activations of shape \[4, 3, 7, 6\] .*\[N, H, W, 2\] \(NHWC\)",
-         acts={**a, "conv": normal(0, (4, 3, 7, 6))})
-    _bad(r"layer 'block/dense': output_grads of shape \[4, 3, 6\] do not match its output \[4, 3, 5\]",
-         gouts={**go, "block": {"dense": normal(0, (4, 3, 6))}}, kfac=True)
-    _bad(r"layer 'conv': output_grads of shape \[4, 4, 4, 4\] do not match its output \[4, 3, 3, 4\]",
-         gouts={**go, "conv": normal(0, (4, 4, 4, 4))}, kfac=True)
+    _bad(
+        r"layer 'head': activations of shape \[4, 7\] do not fit its weight \[5, 3\]",
+        acts={**a, "head": normal(0, (4, 7))},
+    )
+    _bad(
+        r"layer 'conv': activations of shape \[4, 3, 7, 6\] .*\[N, H, W, 2\] \(NHWC\)",
+        acts={**a, "conv": normal(0, (4, 3, 7, 6))},
+    )
+    _bad(
+        r"layer 'block/dense': output_grads of shape \[4, 3, 6\] do not match its output \[4, 3, 5\]",
+        gouts={**go, "block": {"dense": normal(0, (4, 3, 6))}},
+        kfac=True,
+    )
+    _bad(
+        r"layer 'conv': output_grads of shape \[4, 4, 4, 4\] do not match its output \[4, 3, 3, 4\]",
+        gouts={**go, "conv": normal(0, (4, 4, 4, 4))},
+        kfac=True,
+    )
 
 
 def test_error_mismatched_trees():
     p = tree_params()
     del p["head"]
-    _bad(r"initialised for layers \['block/dense', 'conv'\] but the gradients have layers "
-         r"\['block/dense', 'conv', 'head'\]", init_params=p)
+    _bad(
+        r"initialised for layers \['block/dense', 'conv'\] but the gradients have layers "
+        r"\['block/dense', 'conv', 'head'\]",
+        init_params=p,
+    )
 
 
 def test_error_declarations():
     _bad(r"layer 'conv' has a 4-D kernel \[3, 3, 2, 4\]: declare it", layers={})
     _bad(r"unknown layers \['nope'\]", layers={**LAYERS, "nope": mj.Dense()})
-    _bad(r"layer 'head': declared Conv but its kernel has shape \[5, 3\]",
-         layers={**LAYERS, "head": mj.Conv(padding=0)})
+    _bad(
+        r"layer 'head': declared Conv but its kernel has shape \[5, 3\]",
+        layers={**LAYERS, "head": mj.Conv(padding=0)},
+    )
     eqx_style = {"lin": {"weight": normal(0, (3, 4)), "bias": normal(1, (3,))}}
     with pytest.raises(ValueError, match="did you mean layout='equinox'"):
         mj.scale_by_mac().init(eqx_style)

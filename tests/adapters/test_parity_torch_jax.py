@@ -54,7 +54,9 @@ def flax_params(tmodel, pairs):
     for tname, fname in pairs.items():
         mod = getattr(tmodel, tname)
         w = mod.weight.detach().numpy()
-        kernel = w.T if w.ndim == 2 else w.transpose(2, 3, 1, 0)  # [out, in] → [in, out]; OIHW → HWIO
+        kernel = (
+            w.T if w.ndim == 2 else w.transpose(2, 3, 1, 0)
+        )  # [out, in] → [in, out]; OIHW → HWIO
         out[fname] = {"kernel": jnp.asarray(kernel, F32)}
         if mod.bias is not None:
             out[fname]["bias"] = jnp.asarray(mod.bias.detach().numpy(), F32)
@@ -64,8 +66,13 @@ def flax_params(tmodel, pairs):
 def data(kind):
     rng = np.random.default_rng(7)
     shape = (N, 4) if kind == "mlp" else (N, 2, 6, 6)  # torch layout (NCHW)
-    return [(rng.standard_normal(shape).astype(np.float32) + 0.3, rng.standard_normal((N, 3)).astype(np.float32))
-            for _ in range(STEPS)]
+    return [
+        (
+            rng.standard_normal(shape).astype(np.float32) + 0.3,
+            rng.standard_normal((N, 3)).astype(np.float32),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def loss_torch(out, y):
@@ -79,18 +86,53 @@ def loss_jax(out, y):
 R = 2.0 / N  # loss = (1/N) Σ ‖f − y‖² = R · Σ ½‖f − y‖²
 
 CASES = {
-    "mac": dict(common=dict(momentum=0.9, stat_decay=0.9, damping=0.5, weight_decay=0.05, t_cov=2, t_inv=3),
-                torch=dict(lr=0.05, weight_decay_mode="decoupled", scale="reference"),
-                jax=dict(learning_rate=0.05, scale="reference")),
-    "mac_nesterov": dict(common=dict(momentum=0.8, stat_decay=0.95, damping=1.0, weight_decay=0.01, t_cov=1,
-                                     t_inv=4, nesterov=True),
-                         torch=dict(lr=0.05, weight_decay_mode="decoupled"), jax=dict(learning_rate=0.05)),
-    "kfac": dict(common=dict(momentum=0.5, stat_decay=0.9, damping=0.3, weight_decay=0.01, t_cov=1, t_inv=2,
-                             kfac_approx="expand", damping_mode="tikhonov", reduction_factor=R),
-                 torch=dict(lr=0.02, weight_decay_mode="decoupled"), jax=dict(learning_rate=0.02)),
-    "kfac_reduce_pi": dict(common=dict(momentum=0.5, stat_decay=0.9, damping=0.3, t_cov=2, t_inv=2,
-                                       kfac_approx="reduce", damping_mode="pi", reduction_factor=R),
-                           torch=dict(lr=0.02, weight_decay_mode="decoupled"), jax=dict(learning_rate=0.02)),
+    "mac": dict(
+        common=dict(momentum=0.9, stat_decay=0.9, damping=0.5, weight_decay=0.05, t_cov=2, t_inv=3),
+        torch=dict(lr=0.05, weight_decay_mode="decoupled", scale="reference"),
+        jax=dict(learning_rate=0.05, scale="reference"),
+    ),
+    "mac_nesterov": dict(
+        common=dict(
+            momentum=0.8,
+            stat_decay=0.95,
+            damping=1.0,
+            weight_decay=0.01,
+            t_cov=1,
+            t_inv=4,
+            nesterov=True,
+        ),
+        torch=dict(lr=0.05, weight_decay_mode="decoupled"),
+        jax=dict(learning_rate=0.05),
+    ),
+    "kfac": dict(
+        common=dict(
+            momentum=0.5,
+            stat_decay=0.9,
+            damping=0.3,
+            weight_decay=0.01,
+            t_cov=1,
+            t_inv=2,
+            kfac_approx="expand",
+            damping_mode="tikhonov",
+            reduction_factor=R,
+        ),
+        torch=dict(lr=0.02, weight_decay_mode="decoupled"),
+        jax=dict(learning_rate=0.02),
+    ),
+    "kfac_reduce_pi": dict(
+        common=dict(
+            momentum=0.5,
+            stat_decay=0.9,
+            damping=0.3,
+            t_cov=2,
+            t_inv=2,
+            kfac_approx="reduce",
+            damping_mode="pi",
+            reduction_factor=R,
+        ),
+        torch=dict(lr=0.02, weight_decay_mode="decoupled"),
+        jax=dict(learning_rate=0.02),
+    ),
 }
 
 
@@ -140,8 +182,14 @@ def test_torch_and_jax_trajectories_agree(kind, case):
     start = flax_params(tmodel, PAIRS[kind])
     final_jax = train_jax(kind, case, start)
     final_torch = flax_params(train_torch(kind, case, tmodel), PAIRS[kind])
-    moved = max(float(np.max(np.abs(to_np(a) - to_np(b))))
-                for a, b in zip(jax.tree.leaves(final_torch), jax.tree.leaves(start)))
+    moved = max(
+        float(np.max(np.abs(to_np(a) - to_np(b))))
+        for a, b in zip(jax.tree.leaves(final_torch), jax.tree.leaves(start))
+    )
     assert moved > 1e-3, "training did not move the weights"
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(final_jax)[0], jax.tree.leaves(final_torch)):
-        np.testing.assert_allclose(to_np(a), to_np(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(final_jax)[0], jax.tree.leaves(final_torch)
+    ):
+        np.testing.assert_allclose(
+            to_np(a), to_np(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+        )
