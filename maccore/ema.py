@@ -2,8 +2,11 @@
 
 Convention (as optax's ``ema``): ``value = decay * value + (1 - decay) * x``; ``count`` counts EMA
 *updates* (not optimizer steps, MATH.md T9). The debiased estimate is
-``value / (1 - decay**count)``; the power is computed in the value's dtype (at least float32) so it
-cannot round to 1 in low precision.
+``value / (1 - decay**count)``. The total weight ``1 - decay**count`` is accumulated alongside the
+value (``weight = decay * weight + (1 - decay) * 1``) with exactly the arithmetic of the value, so an
+entry that is constant across updates debiases to that constant bit-for-bit (MATH.md M-P5: the bias
+entry of â is exactly 1). States without a ``weight`` fall back to the power, computed in the
+value's dtype (at least float32) so it cannot round to 1 in low precision.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ __all__ = ["EmaState", "ema_init", "ema_update", "ema_debiased", "ema_weight"]
 
 
 class EmaState(NamedTuple):
-    """Running average. ``count``: 0-d int32 array, number of updates; ``value``: the raw EMA."""
+    """Running average. ``count``: 0-d int32 array, number of updates; ``value``: the raw EMA;
+    ``weight``: 0-d, the total weight ``1 - decay**count`` accumulated like ``value`` (``None`` in
+    states built by hand: the weight is then recomputed from ``count``)."""
 
     count: Array
     value: Array
+    weight: Array | None = None
 
 
 def ema_init(shape: tuple[int, ...], *, xp: Any, dtype: Any = None, device: Any = None) -> EmaState:
@@ -28,6 +34,7 @@ def ema_init(shape: tuple[int, ...], *, xp: Any, dtype: Any = None, device: Any 
     return EmaState(
         count=xp.zeros((), dtype=xp.int32, device=device),
         value=xp.zeros(shape, dtype=dtype, device=device),
+        weight=xp.zeros((), dtype=dtype, device=device),
     )
 
 
@@ -40,12 +47,21 @@ def ema_update(state: EmaState, x: Array, *, decay: float) -> EmaState:
             f"of shape {list(state.value.shape)}"
         )
     x = xp.astype(x, state.value.dtype) if x.dtype != state.value.dtype else x
-    return EmaState(count=state.count + 1, value=decay * state.value + (1.0 - decay) * x)
+    weight = state.weight
+    if weight is not None:
+        # the same expression as for the value: an entry that is 1 in every update equals weight
+        one = xp.ones_like(weight)
+        weight = decay * weight + (1.0 - decay) * one
+    return EmaState(
+        count=state.count + 1, value=decay * state.value + (1.0 - decay) * x, weight=weight
+    )
 
 
 def ema_weight(state: EmaState, *, decay: float) -> Array:
     """``1 - decay**count`` (the total weight of the EMA), 0-d in the value's dtype."""
     xp = namespace(value=state.value, where="ema_weight")
+    if state.weight is not None:
+        return state.weight
     dt = stats_dtype(xp, state.value.dtype)
     count = xp.astype(state.count, dt)
     return 1.0 - xp.pow(xp.asarray(decay, dtype=dt, device=device_of(count)), count)
@@ -55,6 +71,8 @@ def ema_debiased(state: EmaState, *, decay: float) -> Array:
     """Bias-corrected average ``value / (1 - decay**count)``; zeros while ``count == 0``."""
     xp = namespace(value=state.value, where="ema_debiased")
     w = ema_weight(state, decay=decay)
-    safe = xp.where(w > 0, w, xp.ones_like(w))
-    out = state.value / xp.astype(safe, state.value.dtype)
-    return out
+    safe = xp.astype(xp.where(w > 0, w, xp.ones_like(w)), state.value.dtype)
+    out = state.value / safe
+    # XLA may divide by a broadcast scalar as a multiplication by its reciprocal, which is not
+    # correctly rounded: an entry equal to the weight (e.g. the bias entry of ā, M-P5) must be 1.
+    return xp.where(state.value == safe, xp.ones_like(out), out)
