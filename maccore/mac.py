@@ -66,7 +66,7 @@ def gradient_diagonal(grad_rows: Array, *, reduction_factor: float | None = None
     g = to_stats(xp, grad_rows)
     if reduction_factor is None:
         return xp.mean(g * g, axis=0)
-    check_damping(reduction_factor, "reduction_factor", "gradient_diagonal")
+    check_damping(reduction_factor, "reduction_factor", "gradient_diagonal", pair=False)
     return xp.sum(g * g, axis=0) / reduction_factor
 
 
@@ -116,6 +116,8 @@ def split_qkv(out: Array, num_heads: int) -> tuple[Array, Array, Array]:
     """Split a fused qkv output ``[B, N, 3D]`` with layout (3, H, d_h) into q, k, v ``[B, H, N, d_h]``."""
     xp = namespace(out=out, where="split_qkv")
     check_ndim(out, 3, "out", "split_qkv")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"split_qkv: num_heads must be a positive integer, got {num_heads!r}")
     b, n, three_d = out.shape
     if three_d % (3 * num_heads):
         raise ValueError(
@@ -147,19 +149,24 @@ def attention_weighted_mean(x: Array, attn: Array, *, bias: bool, mode: str = "r
             f"attention_weighted_mean: 'attn' of shape {shape_str(attn)} does not match 'x' of shape "
             f"{shape_str(x)} (expected [{b}, H, {n}, {n}])"
         )
+    if mode not in ("reference", "per_head"):
+        raise ValueError(f"attention_weighted_mean: mode must be 'reference' or 'per_head', got {mode!r}")
     sdt = stats_dtype(xp, x.dtype)
     xs = to_stats(xp, x, sdt)
-    if bias:
-        xs = xp.concat([xs, xp.ones((b, n, 1), dtype=sdt, device=device_of(xs))], axis=2)
     a = to_stats(xp, attn, sdt)
     if mode == "reference":
         abar = xp.mean(a, axis=(0, 1, 2))  # [N]
-        xbar = xp.mean(xs, axis=0)  # [N, d̃]
-        return xp.reshape(xp.reshape(abar, (1, n)) @ xbar, (-1,))
-    if mode == "per_head":
+        xbar = xp.mean(xs, axis=0)  # [N, d_in]
+        out = xp.reshape(xp.reshape(abar, (1, n)) @ xbar, (1, -1))
+    else:
         ah = xp.mean(a, axis=2)  # [B, H, N]
-        return xp.mean(ah @ xs, axis=0)  # [B, H, d̃] -> [H, d̃]
-    raise ValueError(f"attention_weighted_mean: mode must be 'reference' or 'per_head', got {mode!r}")
+        out = xp.mean(ah @ xs, axis=0)  # [B, H, d_in] -> [H, d_in]
+    if bias:
+        # The bias entry is Σ_j ᾱ_j = 1 for attention rows summing to 1; set it exactly (M-P5)
+        # instead of inheriting the round-off of the probability sum.
+        ones = xp.ones((out.shape[0], 1), dtype=sdt, device=device_of(out))
+        out = xp.concat([out, ones], axis=1)
+    return xp.reshape(out, (-1,)) if mode == "reference" else out
 
 
 def mac_apply(
@@ -189,7 +196,7 @@ def mac_apply(
     xp = namespace(grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, where=where)
     check_ndim(grad_mat, 2, "grad_mat", where)
     check_ndim(mean, (1, 2), "mean", where)
-    check_damping(damping, "damping", where)
+    check_damping(damping, "damping", where, pair=False)
     if scale not in MAC_SCALES:
         raise ValueError(f"{where}: scale must be one of {MAC_SCALES}, got {scale!r}")
     d_out, d_t = grad_mat.shape
@@ -267,7 +274,7 @@ def mac(
     curvature ``D ⊗ (ââᵀ + λI)/s`` whose inverse ``apply`` multiplies with (s = λ for the reference
     scale, 1 for the inverse scale; D = I or diag(ẑ + λ)).
     """
-    check_damping(damping, "damping", "mac")
+    check_damping(damping, "damping", "mac", pair=False)
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"mac: decay must be in [0, 1), got {decay!r}")
     if scale not in MAC_SCALES:
