@@ -105,16 +105,24 @@ def check_dim(
         raise ValueError(f"{_where(where)}{what}: expected {expected}, got {actual}{extra}")
 
 
-def check_damping(damping: Any, name: str = "damping", where: str | None = None) -> None:
-    """Damping must be a positive finite number (traced/array values are checked elsewhere)."""
+def check_damping(
+    damping: Any, name: str = "damping", where: str | None = None, *, pair: bool = True
+) -> None:
+    """Damping must be a positive finite number (traced/array values are checked elsewhere).
+
+    ``pair=True`` also accepts a tuple of such numbers (KFAC's ``(λ_G, λ_A)``); with ``pair=False``
+    a tuple raises ``TypeError``.
+    """
     if isinstance(damping, bool):
         raise TypeError(f"{_where(where)}{name} must be a positive number, got {damping!r}")
     if isinstance(damping, numbers.Real):
         if not (damping > 0 and damping != float("inf")):
             raise ValueError(f"{_where(where)}{name} must be positive and finite, got {damping!r}")
     elif isinstance(damping, tuple):
+        if not pair:
+            raise TypeError(f"{_where(where)}{name} must be a single positive number, got {damping!r}")
         for i, d in enumerate(damping):
-            check_damping(d, f"{name}[{i}]", where)
+            check_damping(d, f"{name}[{i}]", where, pair=False)
 
 
 def is_due(count: Any, period: int) -> Any:

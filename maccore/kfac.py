@@ -67,7 +67,7 @@ def gradient_factor(grad_rows: Array, *, reduction_factor: float) -> Array:
     """
     xp = namespace(grad_rows=grad_rows, where="gradient_factor")
     check_ndim(grad_rows, 2, "grad_rows", "gradient_factor")
-    check_damping(reduction_factor, "reduction_factor", "gradient_factor")
+    check_damping(reduction_factor, "reduction_factor", "gradient_factor", pair=False)
     g = to_stats(xp, grad_rows)
     return (xp.matrix_transpose(g) @ g) / reduction_factor
 
@@ -81,6 +81,9 @@ def _check_factor(m: Array, name: str, where: str) -> None:
 def pi_dampings(A: Array, G: Array, damping: Any) -> tuple[Array, Array]:
     """(λ_A, λ_G) of factored Tikhonov (π-) damping with λ_A·λ_G = λ (MATH.md §1.5, T16)."""
     xp = namespace(A=A, G=G, where="pi_dampings")
+    _check_factor(A, "A", "pi_dampings")
+    _check_factor(G, "G", "pi_dampings")
+    check_damping(damping, "damping", "pi_dampings", pair=False)
     ta = xp.sum(xp.linalg.diagonal(A)) / A.shape[0]
     tg = xp.sum(xp.linalg.diagonal(G)) / G.shape[0]
     ok = xp.logical_and(ta > 0, tg > 0)
@@ -109,6 +112,7 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
     """
     xp = namespace(M=M, where="damped_inverse")
     _check_factor(M, name, "damped_inverse")
+    check_damping(damping, "damping", "damped_inverse", pair=False)
     Ms = to_stats(xp, M)
 
     def attempt(x: Array) -> Array | None:
@@ -166,9 +170,9 @@ def _check_apply_args(grad_mat, A, G, damping, mode, where):
     check_ndim(grad_mat, 2, "grad_mat", where)
     _check_factor(A, "A", where)
     _check_factor(G, "G", where)
-    check_damping(damping, "damping", where)
     if mode not in KFAC_MODES:
         raise ValueError(f"{where}: mode must be one of {KFAC_MODES}, got {mode!r}")
+    check_damping(damping, "damping", where, pair=mode == "tikhonov")
     d_out, d_t = grad_mat.shape
     if A.shape[0] != d_t or G.shape[0] != d_out:
         raise ValueError(
@@ -233,9 +237,9 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
     ``refresh`` debiases the EMAs and rebuilds the inverses/eigenbases; ``apply(state, grad_mat)``;
     ``to_dense(state)`` is the damped dense curvature whose inverse ``apply`` multiplies with.
     """
-    check_damping(damping, "damping", "kfac")
     if mode not in KFAC_MODES:
         raise ValueError(f"kfac: mode must be one of {KFAC_MODES}, got {mode!r}")
+    check_damping(damping, "damping", "kfac", pair=mode == "tikhonov")
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"kfac: decay must be in [0, 1), got {decay!r}")
 
