@@ -82,6 +82,9 @@ class MLPCase:
 
     ``setting="expand"``: one loss term per (n, s) on the token output ``f[n, s]``.
     ``setting="reduce"``: the outputs are pooled over s (``pool`` = "sum" or "mean") before the loss.
+    ``pool_after`` (reduce only): pool the (activated) output of that layer index instead of the
+    network output, so later layers see one token per sample (MATH.md P-K5, intermediate
+    reduction); ``None`` = after the last layer.
     """
 
     weights: Sequence[Any]
@@ -93,6 +96,7 @@ class MLPCase:
     activation: str = "identity"
     setting: str = "expand"
     pool: str = "mean"
+    pool_after: int | None = None
 
 
 def reduction_factor(case: MLPCase) -> float:
@@ -109,11 +113,27 @@ def reduction_factor(case: MLPCase) -> float:
     raise ValueError(f"loss must be one of {LOSSES}, got {case.loss!r}")
 
 
+def _pool_layer(case: MLPCase) -> int | None:
+    """Index of the layer whose output is pooled *inside* the network (None: none, or the last)."""
+    L = len(case.weights)
+    if case.setting != "reduce" or case.pool_after is None:
+        return None
+    if not 0 <= case.pool_after < L:
+        raise ValueError(f"pool_after must be a layer index in [0, {L}), got {case.pool_after}")
+    return case.pool_after if case.pool_after < L - 1 else None
+
+
 def mlp_io(case: MLPCase):
-    """Forward pass: (layer inputs ``[N, S, d_in_l]``, Jacobians D_l ``[N, S, C, d_out_l]`` of the
-    token output w.r.t. each layer's output, outputs ``f [N, S, C]``)."""
+    """Forward pass: (layer inputs ``[N, S_l, d_in_l]``, Jacobians D_l ``[N, S_l, C, d_out_l]`` of the
+    token output w.r.t. each layer's output, outputs ``f [N, T, C]``).
+
+    Without an intermediate pool S_l = T = S. With ``pool_after = p`` (not the last layer), layers
+    after p see S_l = 1, the output is ``f [N, 1, C]`` and the Jacobians of layers ≤ p include the
+    pooling weight (1 or 1/S)."""
     np = _np()
     h = np.asarray(case.x, dtype=np.float64)
+    s_in = h.shape[1]
+    p = _pool_layer(case)
     inputs, derivs = [], []
     L = len(case.weights)
     for i, (w, b) in enumerate(zip(case.weights, case.biases)):
@@ -122,6 +142,8 @@ def mlp_io(case: MLPCase):
         if i < L - 1:
             h, dphi = _act(case.activation, z)
             derivs.append(dphi)
+            if i == p:
+                h = h.sum(axis=1, keepdims=True) if case.pool == "sum" else h.mean(axis=1, keepdims=True)
         else:
             h = z
     f = h
@@ -130,13 +152,18 @@ def mlp_io(case: MLPCase):
     D = np.broadcast_to(np.eye(c), (n, s, c, c)).copy()
     jac[L - 1] = D
     for i in range(L - 2, -1, -1):
-        D = (D @ np.asarray(case.weights[i + 1], np.float64)) * derivs[i][:, :, None, :]
+        D = D @ np.asarray(case.weights[i + 1], np.float64)
+        if i == p:  # back through the pooling: every token gets the pooled Jacobian × weight
+            D = (1.0 if case.pool == "sum" else 1.0 / s_in) * np.broadcast_to(
+                D, (n, s_in) + D.shape[2:]
+            )
+        D = D * derivs[i][:, :, None, :]
         jac[i] = D
     return inputs, jac, f
 
 
 def _pooled(case: MLPCase, f):
-    if case.setting == "expand":
+    if case.setting == "expand" or _pool_layer(case) is not None:
         return f
     return f.sum(axis=1, keepdims=True) if case.pool == "sum" else f.mean(axis=1, keepdims=True)
 
@@ -167,7 +194,10 @@ def _loss_parts(case: MLPCase, f):
 
 
 def _weights_of_pool(case: MLPCase, s: int) -> float:
-    return 1.0 if case.setting == "expand" or case.pool == "sum" else 1.0 / s
+    """Weight of the final pooling (1 when the pool is inside the network: it is in D)."""
+    if case.setting == "expand" or case.pool == "sum" or _pool_layer(case) is not None:
+        return 1.0
+    return 1.0 / s
 
 
 def _param_jacobians(case: MLPCase, layer: int):
