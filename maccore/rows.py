@@ -52,6 +52,9 @@ class KFACType(str, enum.Enum):
 
 
 class LayerKind(str, enum.Enum):
+    """The layer types the core turns into rows: ``LINEAR`` (any ``[..., d_in]`` input) and ``CONV2D``
+    (NCHW input, im2col patches)."""
+
     LINEAR = "linear"
     CONV2D = "conv2d"
 
