@@ -18,16 +18,31 @@ class Recorder:
         self.outputs: dict[tuple, Any] = {}
         self.perts = None if perturbations is None else lookup(perturbations, "perturbations")
         self.used: set[str] = set()
+        self.level: dict[tuple, int] = {}
+        self.deepest: dict[tuple, int] = {}
 
     def record(self, path: tuple, x: Any, call: Any) -> Any:
+        """Record ``x``, run ``call(x)`` and add the layer's perturbation to its output.
+
+        A subclass whose ``__call__`` reaches the tapped base-class ``__call__`` (``super()``) is
+        recorded at the innermost call, the one that applies the weights.
+        """
         name = layer_name(path)
-        if path in self.inputs:
+        level = self.level.get(path, 0)
+        if level == 0 and path in self.inputs:
             raise ValueError(
                 f"layer {name!r} was called twice in one forward pass; reused layers are "
                 "not supported by the capture helpers"
             )
         self.inputs[path] = x
-        y = call(x)
+        self.level[path] = level + 1
+        self.deepest[path] = max(self.deepest.get(path, 0), level + 1)
+        try:
+            y = call(x)
+        finally:
+            self.level[path] = level
+        if self.deepest[path] != level + 1:  # an inner call was recorded
+            return y
         if self.perts is not None:
             if name not in self.perts:
                 raise ValueError(

@@ -42,8 +42,16 @@ def _layers(model, layer_types):
 @contextlib.contextmanager
 def _tapped(model, layer_types, rec):
     index = _layers(model, layer_types)
-    classes = {type(node) for _, node in nnx.iter_graph(model) if id(node) in index}
-    originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes}
+    # every class on the layers' MROs that defines __call__ (a subclass calling super().__call__ is
+    # recorded at the innermost call, the one applying the weights)
+    classes = {
+        cls
+        for _, node in nnx.iter_graph(model)
+        if id(node) in index
+        for cls in type(node).__mro__
+        if "__call__" in cls.__dict__ and issubclass(cls, layer_types)
+    }
+    originals = {cls: cls.__dict__["__call__"] for cls in classes}
 
     def wrap(orig):
         def __call__(self, x, *a, **kw):
@@ -55,15 +63,12 @@ def _tapped(model, layer_types, rec):
         return __call__
 
     try:
-        for cls, (_, orig) in originals.items():
+        for cls, orig in originals.items():
             cls.__call__ = wrap(orig)
         yield
     finally:
-        for cls, (own, _) in originals.items():
-            if own is None:
-                del cls.__call__
-            else:
-                cls.__call__ = own
+        for cls, orig in originals.items():
+            cls.__call__ = orig
 
 
 def _run(model, args, kwargs, perturbations, layer_types):

@@ -314,7 +314,10 @@ def scale_by_mac(
         layers: ``{layer name: Dense() | Conv(...) | QKV(...) | None}``; conv layers must be declared.
         layout: ``"flax"`` (``kernel`` [d_in, d_out] / HWIO, NHWC inputs) or ``"equinox"`` (``weight``
             [d_out, d_in] / OIHW, NCHW inputs).
-        axis_name: average the statistics over this mapped axis (``shard_map``/``pmap``).
+        axis_name: average the batch statistics over this mapped axis (``shard_map``/``pmap``);
+            the gradients are averaged by the caller, as usual with optax (``lax.pmean``). With
+            equal shards this reproduces the single-device statistics of the full batch (KFAC:
+            pass the per-device reduction factor, e.g. 1/N_local).
     """
     return scale_by_curvature(
         mac_method(stat_decay=stat_decay, damping=damping, scale=scale),

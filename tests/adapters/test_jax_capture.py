@@ -263,3 +263,30 @@ def test_unsupported_conv_is_left_to_momentum():
     u, st = jax.jit(tx.update)(grads, tx.init(variables["params"]), activations=acts)
     assert set(st.layers) == {"Dense_0"}
     np.testing.assert_array_equal(np.asarray(u["Conv_0"]["kernel"]), np.ones((3, 4, 3), np.float32))
+
+
+def test_layer_subclass_calling_super_is_recorded_once():
+    class Scaled(nn.Dense):
+        def __call__(self, x):
+            return 2.0 * super().__call__(x + 1.0)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Scaled(3, param_dtype=F32)(x)
+
+    x = normal(0, (2, 4))
+    v = Net().init(jax.random.key(0), x)
+    perts = mj.linen.output_zeros(Net(), v, x)
+
+    def loss(p, q):
+        out, acts = mj.linen.apply(Net(), {"params": p}, x, perturbations=q)
+        return jnp.sum(out**2), (out, acts)
+
+    (_, (out, acts)), (g, gouts) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+        v["params"], perts
+    )
+    np.testing.assert_allclose(to_np(out), to_np(Net().apply(v, x)), rtol=1e-6)
+    assert list(acts) == ["Scaled_0"]
+    np.testing.assert_allclose(to_np(acts["Scaled_0"]), to_np(x) + 1.0)  # the inner Dense's input
+    check_identity(g, acts, gouts, layout="flax", layers={})  # the inner Dense's output gradient
