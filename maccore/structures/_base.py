@@ -150,6 +150,11 @@ class StructureOps:
 
     __slots__ = ()
 
+    #: NumPy (and NumPy-like) arrays defer ``array * K`` to ``K.__rmul__`` instead of treating the
+    #: tuple of parameters as a sequence to broadcast against
+    __array_ufunc__ = None
+    __array_priority__ = 1000
+
     #: registry name of the class (set by each subclass)
     name: str = "structure"
 
