@@ -452,3 +452,76 @@ def test_jit_equals_eager(dt):
         # jit: XLA folds (Σ/R)·(1−β) into Σ·((1−β)/R), which is not correctly rounded: ≤ 2 ulp
         assert abs(float(sj.mean_hat[-1]) - 1.0) <= 2 * eps
     assert_close(pc.to_dense(sj, 6), to_numpy(pc.to_dense(se, 6)), **t)
+
+
+# ---------------------------------------------------------------------------------------------
+# low precision (T11) and backend equivalence (M-P10)
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_low_precision_inputs(xp, low):
+    """Half-precision inputs: statistics in float32, results back in the input's dtype."""
+    dt = getattr(xp, low, None)
+    if dt is None:
+        pytest.skip(f"{xp.__name__} has no {low}")
+    rng = np.random.default_rng(0)
+    x = asarray(xp, rng.standard_normal((6, 4)), xp.float32)
+    try:
+        x = xp.astype(x, dt)
+    except Exception as exc:  # pragma: no cover - depends on the backend
+        pytest.skip(f"{xp.__name__} cannot cast to {low}: {exc}")
+    rows = mc.linear_rows(x, bias=True)
+    assert rows.dtype == dt
+    a = mc.mean_activation(rows)
+    A = mc.input_factor(rows)
+    assert a.dtype == xp.float32 and A.dtype == xp.float32
+    assert float(to_numpy(a)[-1]) == 1.0
+    img = xp.reshape(x, (1, 1, 6, 4))
+    assert mc.conv2d_mean_patch(img, 2, bias=True).dtype == xp.float32
+    g = xp.astype(asarray(xp, rng.standard_normal((3, 5)), xp.float32), dt)
+    g32 = to_numpy(g)
+    for out, want in (
+        (mc.mac_apply(g, a, 0.5), g32 @ mac_dense_preconditioner(to_numpy(a), 0.5)),
+        (mc.kfac_apply(g, A, mc.gradient_factor(xp.astype(rows[:, :3], xp.float32), reduction_factor=1.0),
+                       0.5), None),
+    ):
+        assert out.dtype == dt
+        if want is not None:
+            assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+def test_backend_equivalence():
+    """M-P10: every installed backend gives the numpy result (float64, eps-derived tolerance); the
+    per-dtype checks of every other test compare each backend with the same float64 oracles."""
+    from tests.conftest import _selected_backends, load_backend
+
+    rng = np.random.default_rng(42)
+    x_np = rng.standard_normal((2, 3, 5, 5))
+    g_np = rng.standard_normal((4, 3 * 4 + 1))
+    gr_np = rng.standard_normal((2 * 16, 4))
+
+    def run(xp, dtype):
+        x = asarray(xp, x_np, dtype)
+        rows = mc.conv2d_rows(x, 2, stride=1, padding=((1, 0), (0, 1)), dilation=(2, 1), bias=True)
+        a = mc.mean_activation(rows)
+        A = mc.input_factor(rows)
+        G = mc.gradient_factor(asarray(xp, gr_np, dtype), reduction_factor=0.5)
+        g = asarray(xp, g_np, dtype)
+        out = [rows, a, mc.mac_apply(g, a, 0.3), mc.mac_apply(g, a, 0.3, scale="inverse")]
+        out += [mc.kfac_apply(g, A, G, 0.1, mode=m) for m in ("tikhonov", "pi", "exact")]
+        return [to_numpy(o) for o in out]
+
+    import array_api_compat
+
+    np_xp = array_api_compat.array_namespace(np.empty(0))
+    ref = run(np_xp, np.float64)
+    checked = []
+    for name in _selected_backends():
+        try:
+            xp = load_backend(name)
+        except pytest.skip.Exception:
+            continue
+        for r, o in zip(ref, run(xp, xp.float64)):  # float64: the tightest comparison
+            assert_close(o, r, **tol(xp, xp.float64, 8), err_msg=name)
+        checked.append(name)
+    assert "numpy" in checked and len(checked) >= 2, checked
