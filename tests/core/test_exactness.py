@@ -16,7 +16,7 @@ import maccore as mc
 from maccore import verify
 from maccore.verify import MLPCase, backprop_grads, ef_block, ggn_block, mlp_io, reduction_factor
 from tests.conftest import asarray, assert_close, to_numpy, tol
-from tests.core.helpers import kron_inv_apply, rand, rel_err, seeds, spd, xgiven
+from tests.core.helpers import kron_inv_apply, rand, rel_err, seeds, xgiven
 
 NEG = 0.05  # a negative control must miss the oracle by at least 5 % (tolerances are ≤ 0.6 %)
 

@@ -181,7 +181,7 @@ def test_jit_equals_eager(dt):
     G = jnp.asarray(spd(rng, 3), dtype=dtype)
     g = jnp.asarray(rng.standard_normal((3, 4)), dtype=dtype)
     for mode in ("tikhonov", "pi", "exact"):
-        f = lambda g, A, G, mode=mode: mc.kfac_apply(g, A, G, 0.2, mode=mode)  # noqa: E731
+        f = lambda g, A, G, mode=mode: mc.kfac_apply(g, A, G, 0.2, mode=mode)
         e, j = f(g, A, G), jax.jit(f)(g, A, G)
         assert j.dtype == dtype
         assert_close(j, to_numpy(e), **t)
