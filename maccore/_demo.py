@@ -19,7 +19,7 @@ MODELS = ("mlp", "cnn", "transformer")
 METHODS = ("sgd", "adamw", "mac", "kfac", "singd")
 
 #: Default epochs per model (``--epochs`` overrides; ``--quick`` uses 1).
-EPOCHS = {"mlp": 12, "cnn": 12, "transformer": 8}
+EPOCHS = {"mlp": 20, "cnn": 20, "transformer": 12}
 BATCH_SIZE = 64
 
 #: The sorting task of the transformer: sequences of LENGTH tokens from VOCAB symbols.
@@ -29,6 +29,9 @@ SORT_QUICK = {"vocab": 8, "length": 8, "n_train": 512, "n_test": 256}
 #: Transformer size (both frameworks).
 TRANSFORMER = {"d_model": 32, "heads": 4, "layers": 2, "mlp_ratio": 2}
 TRANSFORMER_QUICK = {"d_model": 16, "heads": 2, "layers": 1, "mlp_ratio": 2}
+
+#: Gradient-norm clipping of the raw gradients (before preconditioning), per model; all methods.
+CLIP_NORM = {"transformer": 1.0}
 
 #: Hyper-parameters per (model, method). Names follow ``maccore_torch``; the jax demo maps them.
 #: MAC uses its published defaults except t_inv (refreshed more often on these short runs).
@@ -58,7 +61,7 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
         "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
         "mac": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "stat_decay": 0.95,
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
-        "kfac": {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "stat_decay": 0.95,
+        "kfac": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "stat_decay": 0.95,
                  "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "singd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3,
                   "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},

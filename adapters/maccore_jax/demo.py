@@ -229,6 +229,9 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
     terms = _demo.BATCH_SIZE * (y_tr.shape[1] if y_tr.ndim > 1 else 1)
     try:
         tx, needs = build_optimizer(method, model_name, info, 1.0 / terms)
+        clip = _demo.CLIP_NORM.get(model_name)
+        if clip:  # raw gradients, before any preconditioning (as the torch demo)
+            tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     except Unavailable as exc:
         res.status, res.reason = "unavailable", str(exc)
         return res

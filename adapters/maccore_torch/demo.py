@@ -249,8 +249,11 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
             opt.zero_grad(set_to_none=True)
             loss = _loss(model_name, model(xb), yb)
             loss.backward()
+            clip = _demo.CLIP_NORM.get(model_name)
+            if clip:  # raw gradients, before any preconditioning (as the nanoGPT recipe)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            value = float(loss)  # synchronises, so the clock covers the whole step
+            value = loss.item()  # synchronises, so the clock covers the whole step
             curve.stop()
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}")
