@@ -43,7 +43,7 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
                  "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
                   "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
     },
     "cnn": {
@@ -53,7 +53,7 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
                  "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
                   "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
     },
     "transformer": {
@@ -63,10 +63,28 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "stat_decay": 0.95,
                  "damping": 1.0, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3,
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3,
                   "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
     },
 }
+
+
+def accepted_kwargs(fn: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``kwargs`` into those ``fn`` accepts and the names it does not (reported, not hidden).
+
+    Used for adapter optimizers whose exact signature may still change (SINGD): the demo passes
+    the hyper-parameters the constructor knows and lists the others in the table's note column.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs), []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs), []
+    ok = {k: v for k, v in kwargs.items() if k in params}
+    return ok, sorted(set(kwargs) - set(ok))
 
 
 class Unavailable(Exception):

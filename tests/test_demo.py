@@ -116,3 +116,37 @@ def test_table_and_state_memory_helpers():
     table = _demo.format_table([ok, na])
     assert "0.5000" in table and "90.0%" in table and "2.0 KiB" in table
     assert "unavailable: not implemented yet" in table
+
+
+def test_accepted_kwargs_reports_what_it_drops():
+    def f(model, *, lr, momentum=0.9):
+        return model
+
+    ok, ignored = _demo.accepted_kwargs(f, {"lr": 0.1, "momentum": 0.5, "T": 5})
+    assert ok == {"lr": 0.1, "momentum": 0.5} and ignored == ["T"]
+    ok, ignored = _demo.accepted_kwargs(lambda **kw: kw, {"T": 5})
+    assert ok == {"T": 5} and ignored == []
+
+
+def test_torch_state_bytes_counts_maccore_state():
+    """Optimizer-state memory includes maccore's per-layer state, never the parameters."""
+    torch = pytest.importorskip("torch")
+    mt = _adapter("torch")
+    demo = importlib.import_module("maccore_torch.demo")
+    if not hasattr(mt, "MAC"):
+        pytest.skip("maccore_torch.MAC not implemented")
+    model = demo.MLP()
+    n_params = sum(p.numel() for p in model.parameters())
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    sizes = {}
+    for name, opt in (("sgd", torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)),
+                      ("mac", mt.MAC(model, lr=0.1))):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sizes[name] = demo.state_bytes(opt, model)
+        if name == "mac":
+            opt.preconditioner.remove_hooks() if hasattr(opt, "preconditioner") else None
+    assert sizes["sgd"] == 4 * n_params  # one momentum buffer per parameter
+    # MAC: the same momentum buffers plus at least one float32 mean of length d̃ per layer
+    assert sizes["mac"] >= 4 * n_params + 4 * (65 + 129 + 65)

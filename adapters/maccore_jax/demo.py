@@ -165,14 +165,15 @@ def _adapter(name: str) -> Any:
 
 
 def build_optimizer(method: str, model_name: str, info: dict[str, Any], reduction_factor: float):
-    """``(optax transform, needs)``: ``needs`` ⊆ {"acts", "output_grads", "params"} for ``update``."""
+    """``(optax transform, needs, note)``: ``needs`` ⊆ {"acts", "output_grads", "params"} says what
+    ``update`` receives; ``note`` lists hyper-parameters the transform does not accept."""
     hp = dict(_demo.HPARAMS[model_name][method])
     lr, wd = hp.pop("lr"), hp.pop("weight_decay", 0.0)
     if method == "sgd":
         tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=hp["momentum"]))
-        return tx, set()
+        return tx, set(), ""
     if method == "adamw":
-        return optax.adamw(lr, weight_decay=wd), set()
+        return optax.adamw(lr, weight_decay=wd), set(), ""
     conv = {}
     if model_name == "cnn":
         Conv = _adapter("Conv")
@@ -186,18 +187,19 @@ def build_optimizer(method: str, model_name: str, info: dict[str, Any], reductio
         tx = mac(lr, momentum=hp["momentum"], stat_decay=hp["stat_decay"], damping=hp["damping"],
                  weight_decay=wd, t_cov=hp["t_cov"], t_inv=hp["t_inv"], layers=conv or None,
                  attention=attention or None)
-        return tx, {"acts", "params"}
+        return tx, {"acts", "params"}, ""
     if method == "kfac":
         kfac = _adapter("kfac")
         tx = kfac(lr, reduction_factor=reduction_factor, momentum=hp["momentum"],
                   stat_decay=hp["stat_decay"], damping=hp["damping"], weight_decay=wd,
                   t_cov=hp["t_cov"], t_inv=hp["t_inv"], layers=conv or None)
-        return tx, {"acts", "output_grads"}
+        return tx, {"acts", "output_grads"}, ""
     if method == "singd":
         singd = _adapter("singd")
-        kw = {k: hp[k] for k in ("momentum", "damping", "alpha1", "lr_cov", "T") if k in hp}
-        tx = singd(lr, weight_decay=wd, layers=conv or None, **kw)
-        return tx, {"acts", "output_grads"}
+        kw, ignored = _demo.accepted_kwargs(singd, {
+            **hp, "weight_decay": wd, "layers": conv or None, "reduction_factor": reduction_factor})
+        note = f"ignored: {', '.join(ignored)}" if ignored else ""
+        return singd(lr, **kw), {"acts", "output_grads"}, note
     raise ValueError(method)
 
 
@@ -228,7 +230,7 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
     y_tr = data["y_train"]
     terms = _demo.BATCH_SIZE * (y_tr.shape[1] if y_tr.ndim > 1 else 1)
     try:
-        tx, needs = build_optimizer(method, model_name, info, 1.0 / terms)
+        tx, needs, note = build_optimizer(method, model_name, info, 1.0 / terms)
         clip = _demo.CLIP_NORM.get(model_name)
         if clip:  # raw gradients, before any preconditioning (as the torch demo)
             tx = optax.chain(optax.clip_by_global_norm(clip), tx)
@@ -292,7 +294,7 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
     res.wall_clock_s = curve.elapsed
     res.state_bytes = state_bytes(opt_state)
     res.steps = len(batches)
-    res.reason = f"compile {compile_s:.1f}s (not in wall-clock)"
+    res.reason = f"compile {compile_s:.1f}s (not in wall-clock)" + (f"; {note}" if note else "")
     res.curve_step, res.curve_time, res.curve_loss = curve.steps, curve.times, curve.losses
     return res
 

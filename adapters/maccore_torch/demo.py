@@ -158,9 +158,13 @@ def build_optimizer(method: str, model: nn.Module, model_name: str) -> torch.opt
         return KFAC(model, weight_decay_mode="decoupled", loss_average=average, **hp)
     if method == "singd":
         SINGD = _adapter("SINGD")
-        if model_name == "transformer":
-            hp["loss_average"] = "batch+sequence"
-        return SINGD(model, **hp)
+        # SINGD keeps the published singd package's argument names (lr, momentum, damping, alpha1,
+        # weight_decay, T, lr_cov, loss_average, ...)
+        hp["loss_average"] = "batch+sequence" if model_name == "transformer" else "batch"
+        kw, ignored = _demo.accepted_kwargs(SINGD, hp)
+        opt = SINGD(model, **kw)
+        opt._maccore_demo_note = f"ignored: {', '.join(ignored)}" if ignored else ""
+        return opt
     raise ValueError(method)
 
 
@@ -268,6 +272,7 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
     _, res.test_accuracy = _evaluate(model, model_name, torch.as_tensor(data["x_test"]),
                                      torch.as_tensor(data["y_test"]))
     res.wall_clock_s = curve.elapsed
+    res.reason = getattr(opt, "_maccore_demo_note", "")
     res.state_bytes = state_bytes(opt, model)
     res.steps = len(batches)
     res.curve_step, res.curve_time, res.curve_loss = curve.steps, curve.times, curve.losses
