@@ -18,6 +18,7 @@ Families:
 - ``mac.*``: MAC properties of MATH.md §3.10 (rank-1 vs dense inverse, spectrum, zero mean,
   bias entry and EMA weights, attention-weighted means).
 - ``rows.*``: im2col against a naive loop oracle and the convolution it encodes.
+- ``singd.structures``: the SINGD structure classes' projections and products.
 - ``agree.*``: the backend's result equals NumPy's result for the same core call.
 
 The checks never import a framework at module import time: backends are loaded with
@@ -594,6 +595,33 @@ def _conv_rows(ctx: _Ctx) -> float:
                          e * dil[1] : e * dil[1] + st[1] * (ow - 1) + 1 : st[1]]
                 conv += np.einsum("nchw,oc->nohw", sl, w[:, :, a, e])
         worst = max(worst, _err(out, ctx.oracle("conv", conv.transpose(0, 2, 3, 1).reshape(-1, 4))))
+    return worst
+
+
+@_check("singd.structures")
+def _singd_structures(ctx: _Ctx) -> float:
+    """SINGD structures (MATH.md §5.5): Π(S) for dense/diagonal/block-diagonal against NumPy
+    oracles, every structure's ``matmul`` against its ``to_dense``, and ``to_dense`` against NumPy."""
+    from maccore import structures
+
+    np = _np()
+    nx = _compat_ns(np.empty(0))
+    m = ctx.rng.standard_normal((6, 6))
+    sym = m + m.T
+    x = ctx.rng.standard_normal((6, 3))
+    opts = {"block_diagonal": {"block_size": 2}, "hierarchical": {"k1": 2, "k2": 2}}
+    mask = np.kron(np.eye(3), np.ones((2, 2)))
+    exact = {"dense": sym, "diagonal": np.diag(np.diag(sym)), "block_diagonal": sym * mask}
+    worst = 0.0
+    for name in structures.names():
+        st = structures.get(name, **opts.get(name, {}))
+        k = st.from_dense(ctx.arr(sym))
+        dense = ctx.np(k.to_dense())
+        ref = ctx.np(st.from_dense(nx.asarray(sym)).to_dense())  # NumPy float64 result
+        worst = max(worst, _err(dense, ctx.oracle(f"{name}_numpy", ref)))
+        if name in exact:
+            worst = max(worst, _err(dense, ctx.oracle(f"{name}_projection", exact[name])))
+        worst = max(worst, _err(ctx.np(k.matmul(ctx.arr(x))), ctx.oracle(f"{name}_matmul", ref @ x)))
     return worst
 
 
