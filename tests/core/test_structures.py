@@ -162,6 +162,13 @@ def run(xp, key, fn, *args):
     return _JITTED[key](*args)
 
 
+def skip_jax_float32(xp, dtype):
+    """JAX compiles every (structure, shape, dtype) (slowly on CPU): its float32 runs are skipped in
+    the hypothesis tests; dtype preservation under JAX is checked in bf16 for every class."""
+    if is_jax_namespace(xp) and dtype == xp.float32:
+        pytest.skip("JAX float32: see test_bfloat16_parameters (XLA compile time)")
+
+
 def dims_for(xp):
     """All degenerate sizes on eager backends; one size on JAX (XLA compiles per shape, slowly)."""
     return st.just(8) if is_jax_namespace(xp) else st.sampled_from(DIMS)
@@ -187,6 +194,7 @@ def sym_matrix(d: int):
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
 @given(data=st.data())
 def test_projection_matches_oracle(xp, dtype, name, opts, data):
+    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     S = data.draw(sym_matrix(d), label="S")
     T = stype(name, opts)
@@ -207,6 +215,7 @@ def test_projection_matches_oracle(xp, dtype, name, opts, data):
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
 @given(data=st.data(), seed=seeds)
 def test_roundtrip_and_identity(xp, dtype, name, opts, data, seed):
+    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     rng = np.random.default_rng(seed)
     M = random_member(name, opts, d, rng, sym=True)
@@ -255,6 +264,7 @@ def _products(K, M, X):
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
 @given(data=st.data(), seed=seeds)
 def test_products_against_dense(xp, dtype, name, opts, data, seed):
+    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     n = data.draw(ncols_for(xp), label="n")
     rng = np.random.default_rng(seed)
@@ -295,12 +305,15 @@ def _scalars(K, M, c):
         average_trace=K.average_trace(),
         max_abs=K.max_abs(),
         frobenius_norm=K.frobenius_norm(),
+        mul_python=(2.5 * K).to_dense(),  # Python-number scalars
+        diag_add_int=K.diag_add(-1).to_dense(),
     )
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
 @given(data=st.data(), seed=seeds, c=st.floats(-3, 3))
 def test_scalar_operations(xp, dtype, name, opts, data, seed, c):
+    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     rng = np.random.default_rng(seed)
     K = random_structure(xp, dtype, name, opts, d, rng)
@@ -319,13 +332,12 @@ def test_scalar_operations(xp, dtype, name, opts, data, seed, c):
         average_trace=np.trace(Kd) / d,
         max_abs=np.abs(Kd).max(),
         frobenius_norm=np.linalg.norm(Kd),
+        mul_python=2.5 * Kd,
+        diag_add_int=Kd - np.eye(d),
     )
     for what, value in expect.items():
         assert_close(out[what], value, err_msg=what, **tol(xp, dtype))
         assert out[what].dtype == dtype, what
-    # Python-number scalars (eager)
-    assert_close((2.5 * K).to_dense(), 2.5 * Kd, **tol(xp, dtype))
-    assert_close(K.diag_add(-1).to_dense(), Kd - np.eye(d), **tol(xp, dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +360,7 @@ def _toeplitz_ops(K, M, X):
 @pytest.mark.parametrize("fft_min_dim", [1, 10**9], ids=["fft", "dense"])
 @given(data=st.data(), seed=seeds)
 def test_toeplitz_paths(xp, dtype, name, fft_min_dim, data, seed, monkeypatch):
+    skip_jax_float32(xp, dtype)
     monkeypatch.setattr(toeplitz, "FFT_MIN_DIM", fft_min_dim)
     d = data.draw(st.just(33) if is_jax_namespace(xp) else st.sampled_from((1, 2, 7, 33)))
     n = data.draw(ncols_for(xp))
@@ -511,7 +524,7 @@ def test_bfloat16_parameters(lib, name, opts):
     xp = array_api_compat.array_namespace(mod.zeros(1))
     rng = np.random.default_rng(7)
     d = toeplitz.FFT_MIN_DIM + 6 if name.endswith("toeplitz") else 8  # Toeplitz: FFT path
-    K = random_structure(xp, xp.float32, name, opts, d, rng).mul(0.2).diag_add(1.0).astype(bf16)
+    K = random_structure(xp, bf16, name, opts, d, rng)
     X = asarray(xp, rng.standard_normal((d, 5)), bf16)
     out = run(xp, ("bf16", name), _bf16_ops, K, X)
     Kd, Xd = to_numpy(out["K"]), to_numpy(X)  # the exact bf16 values, as float64
