@@ -320,12 +320,12 @@ def singd(
         P_C = C.from_inner()  # Π_C(CᵀC)
         tr = {}
         if not kfac_like:
-            tr = dict(
-                HK=H_K.average_trace(),
-                HC=H_C.average_trace(),
-                PK=P_K.average_trace(),
-                PC=P_C.average_trace(),
-            )
+            tr = {
+                "HK": H_K.average_trace(),
+                "HC": H_C.average_trace(),
+                "PK": P_K.average_trace(),
+                "PC": P_C.average_trace(),
+            }
         K_new, m_K = _step(
             K, state.m_K, H_K, P_K, tr.get("HC"), tr.get("PC"), u, beta, factor_u=False
         )

@@ -35,21 +35,21 @@ from maccore.structures.triangular import (
 )
 
 __all__ = [
-    "StructureOps",
-    "StructureType",
-    "get",
-    "names",
+    "BlockDiagonal",
     "Dense",
     "Diagonal",
-    "BlockDiagonal",
     "Hierarchical",
-    "hierarchical_sizes",
-    "TrilToeplitz",
-    "TriuToeplitz",
+    "StructureOps",
+    "StructureType",
     "TrilBottomRightDiag",
+    "TrilToeplitz",
     "TrilTopLeftDiag",
     "TriuBottomRightDiag",
+    "TriuToeplitz",
     "TriuTopLeftDiag",
+    "get",
+    "hierarchical_sizes",
+    "names",
 ]
 
 _CLASSES: dict[str, type] = {
@@ -66,7 +66,10 @@ _CLASSES: dict[str, type] = {
 }
 
 #: options each class requires (all keyword, all positive integers)
-_OPTIONS: dict[str, tuple[str, ...]] = {"block_diagonal": ("block_size",), "hierarchical": ("k1", "k2")}
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "block_diagonal": ("block_size",),
+    "hierarchical": ("k1", "k2"),
+}
 
 #: aliases named like the published singd package
 _ALIASES: dict[str, str] = {"triltoeplitz": "tril_toeplitz", "triutoeplitz": "triu_toeplitz"}

@@ -134,9 +134,7 @@ def superdiag_sums(xp: Namespace, M: Array) -> Array:
     d = M.shape[0]
     dev = compat.device(M)
     padded = xp.concat([M, xp.zeros((d, d), dtype=M.dtype, device=dev)], axis=1)  # [d, 2d]
-    flat = xp.concat(
-        [xp.reshape(padded, (2 * d * d,)), xp.zeros((d,), dtype=M.dtype, device=dev)]
-    )
+    flat = xp.concat([xp.reshape(padded, (2 * d * d,)), xp.zeros((d,), dtype=M.dtype, device=dev)])
     sheared = xp.reshape(flat, (d, 2 * d + 1))[:, :d]  # sheared[i, k] = M[i, i + k] (0 past end)
     return xp.sum(sheared, axis=0)
 
@@ -216,8 +214,9 @@ class StructureOps:
         """``self + other`` (same class and shapes)."""
         self._check_same(other, "add")
         xp = self.xp
-        return type(self)(*(a + (b if b.dtype == a.dtype else xp.astype(b, a.dtype))
-                            for a, b in zip(self, other)))
+        return type(self)(
+            *(a + (b if b.dtype == a.dtype else xp.astype(b, a.dtype)) for a, b in zip(self, other))
+        )
 
     def sub(self, other):
         """``self - other`` (same class and shapes)."""

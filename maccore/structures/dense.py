@@ -90,4 +90,3 @@ class Dense(StructureOps, _DenseFields):
     def compose(self, other: Dense) -> Dense:
         self._check_same(other, "compose")
         return Dense(self.mat @ other.mat)
-

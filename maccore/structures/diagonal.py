@@ -88,4 +88,3 @@ class Diagonal(StructureOps, _DiagonalFields):
     def compose(self, other: Diagonal) -> Diagonal:
         self._check_same(other, "compose")
         return Diagonal(self.diag * other.diag)
-

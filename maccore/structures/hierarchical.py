@@ -76,11 +76,11 @@ class Hierarchical(StructureOps, _HierarchicalFields):
         return sum(self.sizes)
 
     @classmethod
-    def _build(cls, d, k1, k2, xp, dtype, device, fill_eye: bool) -> Hierarchical:  # noqa: PLR0913
+    def _build(cls, d, k1, k2, xp, dtype, device, fill_eye: bool) -> Hierarchical:
         K1, dc, K2 = hierarchical_sizes(d, k1, k2)
         xp = resolve_xp(xp)
         dt = default_dtype(xp, dtype)
-        z = lambda *s: xp.zeros(s, dtype=dt, device=device)  # noqa: E731
+        z = lambda *s: xp.zeros(s, dtype=dt, device=device)
         if fill_eye:
             return cls(
                 xp.eye(K1, dtype=dt, device=device),
@@ -120,7 +120,7 @@ class Hierarchical(StructureOps, _HierarchicalFields):
         xp = self.xp
         K1, dc, K2 = self.sizes
         dev, dt = compat.device(self.A), self.dtype
-        z = lambda *s: xp.zeros(s, dtype=dt, device=dev)  # noqa: E731
+        z = lambda *s: xp.zeros(s, dtype=dt, device=dev)
         row1 = xp.concat([self.A, self.B], axis=1)
         row2 = xp.concat([z(dc, K1), diag_matrix(xp, self.C), z(dc, K2)], axis=1)
         row3 = xp.concat([z(K2, K1), self.D, self.E], axis=1)
@@ -201,7 +201,7 @@ class Hierarchical(StructureOps, _HierarchicalFields):
     def compose(self, other: Hierarchical) -> Hierarchical:
         self._check_same(other, "compose")
         xp = self.xp
-        K1, dc, _ = self.sizes
+        _, dc, _ = self.sizes
         A, B, C, D, E = self
         A2, B2_, C2, D2, E2 = other
         B1, B2 = B[:, :dc], B[:, dc:]

@@ -31,7 +31,7 @@ from maccore.structures._base import (
     superdiag_sums,
 )
 
-__all__ = ["TrilToeplitz", "TriuToeplitz", "FFT_MIN_DIM"]
+__all__ = ["FFT_MIN_DIM", "TrilToeplitz", "TriuToeplitz"]
 
 #: dimension from which Toeplitz products use the FFT (module attribute; tests lower it)
 FFT_MIN_DIM = 64
@@ -119,7 +119,10 @@ class _Toeplitz(StructureOps, _ToeplitzFields):
         dt = default_dtype(xp, dtype)
         return cls(
             xp.concat(
-                [xp.ones((1,), dtype=dt, device=device), xp.zeros((d - 1,), dtype=dt, device=device)]
+                [
+                    xp.ones((1,), dtype=dt, device=device),
+                    xp.zeros((d - 1,), dtype=dt, device=device),
+                ]
             )
         )
 

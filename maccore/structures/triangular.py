@@ -145,7 +145,9 @@ class _Triangular(StructureOps, _TriangularFields):
         hs, os = self._slices(self.dim)
         Yh, Yo = Y[hs, :], Y[os, :]
         return type(self)(
-            xp.sum(Yh * Yh, axis=1), 2.0 * (Yo @ xp.matrix_transpose(Yh))[:, 0], xp.sum(Yo * Yo, axis=1)
+            xp.sum(Yh * Yh, axis=1),
+            2.0 * (Yo @ xp.matrix_transpose(Yh))[:, 0],
+            xp.sum(Yo * Yo, axis=1),
         )
 
     def average_trace(self) -> Array:

@@ -12,7 +12,7 @@ from array_api_compat import is_jax_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 
-import maccore.structures as structures
+from maccore import structures
 from maccore.singd import SingdState, singd, singd_statistics
 from tests.conftest import asarray, assert_close, to_numpy, tol
 from tests.core.test_structures import project
@@ -148,7 +148,11 @@ def test_matches_dense_reference(xp, dtype, sK, sC, alpha1, kfac_like, normalize
     R = 5
     batches = [make_batch(rng, R, dK, dC, mean_loss=mean_loss) for _ in range(3)]
     pc = singd(
-        structures=(sK, sC), alpha1=alpha1, lr_cov=0.123, damping=damping, kfac_like=kfac_like,
+        structures=(sK, sC),
+        alpha1=alpha1,
+        lr_cov=0.123,
+        damping=damping,
+        kfac_like=kfac_like,
         normalize_lr_cov=normalize,
     )
     grad_mat = rng.standard_normal((dC, dK))
@@ -158,7 +162,11 @@ def test_matches_dense_reference(xp, dtype, sK, sC, alpha1, kfac_like, normalize
 
         def body(i, state):
             return pc.update(
-                state, rows[i, ...], grads[i, ...], reduction_factor=reds[i], lr_cov=lr,
+                state,
+                rows[i, ...],
+                grads[i, ...],
+                reduction_factor=reds[i],
+                lr_cov=lr,
                 grad_scale_correction=u,
             )
 
@@ -167,15 +175,26 @@ def test_matches_dense_reference(xp, dtype, sK, sC, alpha1, kfac_like, normalize
         return state, pc.apply(state, grad_mat), pc.to_dense(state)
 
     state, out, P = run(
-        xp, ("st6", sK, sC, alpha1, kfac_like, normalize, str(dtype)), simulate,
+        xp,
+        ("st6", sK, sC, alpha1, kfac_like, normalize, str(dtype)),
+        simulate,
         asarray(xp, np.stack([b[0] for b in batches]), dtype),
         asarray(xp, np.stack([b[1] for b in batches]), dtype),
         asarray(xp, np.asarray([b[2] for b in batches]), dtype),
-        scalar(xp, lr_cov, dtype), scalar(xp, u, dtype), asarray(xp, grad_mat, dtype),
+        scalar(xp, lr_cov, dtype),
+        scalar(xp, u, dtype),
+        asarray(xp, grad_mat, dtype),
     )
     K, C, mK, mC = ref_singd(
-        batches, sK=sK, sC=sC, alpha1=alpha1, lr_cov=lr_cov, damping=damping,
-        kfac_like=kfac_like, normalize=normalize, u=u,
+        batches,
+        sK=sK,
+        sC=sC,
+        alpha1=alpha1,
+        lr_cov=lr_cov,
+        damping=damping,
+        kfac_like=kfac_like,
+        normalize=normalize,
+        u=u,
     )
     t = tol(xp, dtype, factor=4.0)
     assert isinstance(state, SingdState)
@@ -227,8 +246,14 @@ def test_ikfac_first_order(xp, dtype, seed):
     errs = {"K": [], "C": []}
     for beta in (1e-2, 1e-3, 1e-4):
         K1, C1 = run(
-            xp, "st1", step, asarray(xp, K0), asarray(xp, C0), asarray(xp, rows),
-            asarray(xp, grads), scalar(xp, beta, dtype),
+            xp,
+            "st1",
+            step,
+            asarray(xp, K0),
+            asarray(xp, C0),
+            asarray(xp, rows),
+            asarray(xp, grads),
+            scalar(xp, beta, dtype),
         )
         K1, C1 = to_numpy(K1), to_numpy(C1)
         target_K = np.linalg.inv((1 - beta) * SK + beta * U + lam * np.eye(dK))
@@ -251,7 +276,7 @@ def _iterate(xp, key, pc, init_args, rows, grads, n_iter):
 
     def iterate(rows, grads):
         state = pc.init(dK, dC, xp=xp, dtype=dtype)
-        body = lambda i, s: pc.update(s, rows, grads, reduction_factor=1.0)  # noqa: E731
+        body = lambda i, s: pc.update(s, rows, grads, reduction_factor=1.0)
         state = loop(xp, n_iter, body, state)
         return state.K.to_dense(), state.C.to_dense()
 
@@ -288,11 +313,17 @@ def test_diagonal_kfac_like_limit(xp, dtype):
     rows = rng.standard_normal((R, dK))
     grads = rng.standard_normal((R, dC)) / 3
     U, G = rows.T @ rows / R, grads.T @ grads
-    pc = singd(structures=("diagonal", "diagonal"), kfac_like=True, alpha1=0.0, lr_cov=0.5,
-               damping=lam)
+    pc = singd(
+        structures=("diagonal", "diagonal"), kfac_like=True, alpha1=0.0, lr_cov=0.5, damping=lam
+    )
     K, C = _iterate(
-        xp, ("st4", str(dtype)), pc, (dK, dC, dtype), asarray(xp, rows, dtype),
-        asarray(xp, grads, dtype), 60,
+        xp,
+        ("st4", str(dtype)),
+        pc,
+        (dK, dC, dtype),
+        asarray(xp, rows, dtype),
+        asarray(xp, grads, dtype),
+        60,
     )
     k, c = np.diag(K), np.diag(C)
     t = tol(xp, dtype, factor=4.0)
@@ -342,8 +373,13 @@ def test_statistics_scaling(xp, dtype, setting, loss, sK, sC, seed):
         return [H.to_dense() for H in at_eye + general] + [K.to_dense(), C.to_dense()]
 
     HK0, HC0, HK, HC, Kd, Cd = run(
-        xp, ("st5", sK, sC, setting, str(dtype)), compute, asarray(xp, rows, dtype),
-        asarray(xp, grad_rows, dtype), scalar(xp, R, dtype), asarray(xp, SK, dtype),
+        xp,
+        ("st5", sK, sC, setting, str(dtype)),
+        compute,
+        asarray(xp, rows, dtype),
+        asarray(xp, grad_rows, dtype),
+        scalar(xp, R, dtype),
+        asarray(xp, SK, dtype),
         asarray(xp, SC, dtype),
     )
     t = tol(xp, dtype, factor=4.0)
@@ -366,8 +402,14 @@ def test_update_from_statistics_equals_update_from_rows(xp, dtype):
         b = pc.update(state, statistics=singd_statistics(state, r, g, reduction_factor=red))
         return a, b
 
-    a, b = run(xp, ("stats", str(dtype)), compute, asarray(xp, rows, dtype),
-               asarray(xp, grads, dtype), scalar(xp, red, dtype))
+    a, b = run(
+        xp,
+        ("stats", str(dtype)),
+        compute,
+        asarray(xp, rows, dtype),
+        asarray(xp, grads, dtype),
+        scalar(xp, red, dtype),
+    )
     for x, y in zip(a, b):
         assert_close(x.to_dense(), to_numpy(y.to_dense()), rtol=0, atol=0)
     assert not np.allclose(to_numpy(a.K.to_dense()), np.eye(4))  # the update did something
@@ -388,7 +430,11 @@ def test_preconditioner_dtype_per_factor(xp):
         return state0, state, pc.apply(state, grad_mat), pc.to_dense(state)
 
     state0, state, out, P = run(
-        xp, "pdtype", compute, asarray(xp, rows, xp.float32), asarray(xp, grads, xp.float32),
+        xp,
+        "pdtype",
+        compute,
+        asarray(xp, rows, xp.float32),
+        asarray(xp, grads, xp.float32),
         asarray(xp, rng.standard_normal((2, 3)), xp.float32),
     )
     for s in (state0, state):
@@ -437,18 +483,27 @@ def test_bfloat16_factors_stay_finite(lib, sK, sC):
     assert bad
     dense = {}
     for label, pdt in (("f32", (None, None)), ("bf16", ("bfloat16", "bfloat16"))):
-        pc = singd(structures=(sK, sC), lr_cov=0.1, damping=1e-4, normalize_lr_cov=True,
-                   preconditioner_dtype=pdt)
+        pc = singd(
+            structures=(sK, sC),
+            lr_cov=0.1,
+            damping=1e-4,
+            normalize_lr_cov=True,
+            preconditioner_dtype=pdt,
+        )
 
         def simulate(rows, grads, grad_mat, pc=pc):
             state = pc.init(dK, dC, xp=xp, dtype=xp.float32)
-            body = lambda i, s: pc.update(s, rows, grads, reduction_factor=1.0)  # noqa: E731
+            body = lambda i, s: pc.update(s, rows, grads, reduction_factor=1.0)
             state = loop(xp, 40, body, state)
             return state, pc.apply(state, grad_mat), pc.to_dense(state)
 
         state, out, P = run(
-            xp, ("bf16", sK, sC, label), simulate, asarray(xp, rows, xp.float32),
-            asarray(xp, grads, xp.float32), asarray(xp, rng.standard_normal((dC, dK)), xp.float32),
+            xp,
+            ("bf16", sK, sC, label),
+            simulate,
+            asarray(xp, rows, xp.float32),
+            asarray(xp, grads, xp.float32),
+            asarray(xp, rng.standard_normal((dC, dK)), xp.float32),
         )
         if label == "bf16":
             assert state.K.dtype == xp.bfloat16 and state.C.dtype == xp.bfloat16

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from array_api_compat import is_jax_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from array_api_compat import is_jax_namespace
-
-import maccore.structures as structures
-import maccore.structures.toeplitz as toeplitz
+from maccore import structures
+from maccore.structures import toeplitz
 from tests.conftest import asarray, assert_close, to_numpy, tol
 
 # (name, options) covering all ten classes (+ degenerate block/hierarchy sizes via random d)
@@ -100,7 +99,9 @@ def project(name: str, opts: dict, S: np.ndarray) -> np.ndarray:
     return P
 
 
-def random_member(name: str, opts: dict, d: int, rng: np.random.Generator, *, sym: bool) -> np.ndarray:
+def random_member(
+    name: str, opts: dict, d: int, rng: np.random.Generator, *, sym: bool
+) -> np.ndarray:
     """A random member of the class; ``sym``: entries whose mirror is in the support are symmetric."""
     m = support(name, opts, d)
     if is_toeplitz(name):
@@ -223,17 +224,20 @@ def test_roundtrip_and_identity(xp, dtype, name, opts, data, seed):
 
     def compute(Msym, eye_dense):
         eye = T.eye(d, xp=xp, dtype=dtype)
-        return dict(
-            roundtrip=T.from_dense(Msym).to_dense(),  # Π((M + Mᵀ)/2)
-            eye=eye.to_dense(),
-            eye_inner=eye.from_inner().to_dense(),  # Π(IᵀI)
-            proj_eye=T.from_dense(eye_dense).to_dense(),  # Π(I)
-            zeros=T.zeros(d, xp=xp, dtype=dtype).to_dense(),
-        )
+        return {
+            "roundtrip": T.from_dense(Msym).to_dense(),  # Π((M + Mᵀ)/2)
+            "eye": eye.to_dense(),
+            "eye_inner": eye.from_inner().to_dense(),  # Π(IᵀI)
+            "proj_eye": T.from_dense(eye_dense).to_dense(),  # Π(I)
+            "zeros": T.zeros(d, xp=xp, dtype=dtype).to_dense(),
+        }
 
     out = run(
-        xp, ("roundtrip", name, d, str(dtype)), compute,
-        asarray(xp, (M + M.T) / 2, dtype), asarray(xp, np.eye(d), dtype),
+        xp,
+        ("roundtrip", name, d, str(dtype)),
+        compute,
+        asarray(xp, (M + M.T) / 2, dtype),
+        asarray(xp, np.eye(d), dtype),
     )
     t = tol(xp, dtype)
     assert_close(out["roundtrip"], M, **t)
@@ -248,17 +252,17 @@ def test_roundtrip_and_identity(xp, dtype, name, opts, data, seed):
 
 
 def _products(K, M, X):
-    return dict(
-        K=K.to_dense(),
-        M=M.to_dense(),
-        matmul=K.matmul(X),
-        matmul_op=K @ X,
-        rmatmat=K.rmatmat(X),
-        matvec=K.matmul(X[:, 0]),
-        KM=K @ M,
-        inner=K.from_inner(X),
-        inner_none=K.from_inner(),
-    )
+    return {
+        "K": K.to_dense(),
+        "M": M.to_dense(),
+        "matmul": K.matmul(X),
+        "matmul_op": K @ X,
+        "rmatmat": K.rmatmat(X),
+        "matvec": K.matmul(X[:, 0]),
+        "KM": K @ M,
+        "inner": K.from_inner(X),
+        "inner_none": K.from_inner(),
+    }
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
@@ -292,22 +296,22 @@ def test_products_against_dense(xp, dtype, name, opts, data, seed):
 
 
 def _scalars(K, M, c):
-    return dict(
-        K=K.to_dense(),
-        M=M.to_dense(),
-        add=(K + M).to_dense(),
-        add_method=K.add(M).to_dense(),
-        sub=(K - M).to_dense(),
-        mul=(K * c).to_dense(),
-        mul_method=K.mul(c).to_dense(),
-        neg=(-K).to_dense(),
-        diag_add=K.diag_add(c).to_dense(),
-        average_trace=K.average_trace(),
-        max_abs=K.max_abs(),
-        frobenius_norm=K.frobenius_norm(),
-        mul_python=(2.5 * K).to_dense(),  # Python-number scalars
-        diag_add_int=K.diag_add(-1).to_dense(),
-    )
+    return {
+        "K": K.to_dense(),
+        "M": M.to_dense(),
+        "add": (K + M).to_dense(),
+        "add_method": K.add(M).to_dense(),
+        "sub": (K - M).to_dense(),
+        "mul": (K * c).to_dense(),
+        "mul_method": K.mul(c).to_dense(),
+        "neg": (-K).to_dense(),
+        "diag_add": K.diag_add(c).to_dense(),
+        "average_trace": K.average_trace(),
+        "max_abs": K.max_abs(),
+        "frobenius_norm": K.frobenius_norm(),
+        "mul_python": (2.5 * K).to_dense(),  # Python-number scalars
+        "diag_add_int": K.diag_add(-1).to_dense(),
+    }
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
@@ -321,20 +325,20 @@ def test_scalar_operations(xp, dtype, name, opts, data, seed, c):
     out = run(xp, "scalars", _scalars, K, M, asarray(xp, np.asarray(c), dtype))
     Kd, Md = to_numpy(out["K"]), to_numpy(out["M"])
     c = float(to_numpy(asarray(xp, np.asarray(c), dtype)))  # c as rounded to dtype
-    expect = dict(
-        add=Kd + Md,
-        add_method=Kd + Md,
-        sub=Kd - Md,
-        mul=c * Kd,
-        mul_method=c * Kd,
-        neg=-Kd,
-        diag_add=Kd + c * np.eye(d),
-        average_trace=np.trace(Kd) / d,
-        max_abs=np.abs(Kd).max(),
-        frobenius_norm=np.linalg.norm(Kd),
-        mul_python=2.5 * Kd,
-        diag_add_int=Kd - np.eye(d),
-    )
+    expect = {
+        "add": Kd + Md,
+        "add_method": Kd + Md,
+        "sub": Kd - Md,
+        "mul": c * Kd,
+        "mul_method": c * Kd,
+        "neg": -Kd,
+        "diag_add": Kd + c * np.eye(d),
+        "average_trace": np.trace(Kd) / d,
+        "max_abs": np.abs(Kd).max(),
+        "frobenius_norm": np.linalg.norm(Kd),
+        "mul_python": 2.5 * Kd,
+        "diag_add_int": Kd - np.eye(d),
+    }
     for what, value in expect.items():
         assert_close(out[what], value, err_msg=what, **tol(xp, dtype))
         assert out[what].dtype == dtype, what
@@ -345,15 +349,15 @@ def test_scalar_operations(xp, dtype, name, opts, data, seed, c):
 
 
 def _toeplitz_ops(K, M, X):
-    return dict(
-        K=K.to_dense(),
-        M=M.to_dense(),
-        matmul=K.matmul(X),
-        rmatmat=K.rmatmat(X),
-        KM=(K @ M).to_dense(),
-        inner=K.from_inner(X),
-        inner_none=K.from_inner().to_dense(),
-    )
+    return {
+        "K": K.to_dense(),
+        "M": M.to_dense(),
+        "matmul": K.matmul(X),
+        "rmatmat": K.rmatmat(X),
+        "KM": (K @ M).to_dense(),
+        "inner": K.from_inner(X),
+        "inner_none": K.from_inner().to_dense(),
+    }
 
 
 @pytest.mark.parametrize("name", ["tril_toeplitz", "triu_toeplitz"])
@@ -501,17 +505,17 @@ def _bf16_backends():
 
 
 def _bf16_ops(K, X):
-    return dict(
-        K=K.to_dense(),
-        inner=K.from_inner(X),
-        inner_none=K.from_inner().to_dense(),
-        KK=(K @ K).to_dense(),
-        diag_add=K.diag_add(-1.0).to_dense(),
-        matmul=K.matmul(X),
-        rmatmat=K.rmatmat(X),
-        frobenius_norm=K.frobenius_norm(),
-        max_abs=K.max_abs(),
-    )
+    return {
+        "K": K.to_dense(),
+        "inner": K.from_inner(X),
+        "inner_none": K.from_inner().to_dense(),
+        "KK": (K @ K).to_dense(),
+        "diag_add": K.diag_add(-1.0).to_dense(),
+        "matmul": K.matmul(X),
+        "rmatmat": K.rmatmat(X),
+        "frobenius_norm": K.frobenius_norm(),
+        "max_abs": K.max_abs(),
+    }
 
 
 @pytest.mark.parametrize("lib", _bf16_backends())
@@ -528,16 +532,16 @@ def test_bfloat16_parameters(lib, name, opts):
     X = asarray(xp, rng.standard_normal((d, 5)), bf16)
     out = run(xp, ("bf16", name), _bf16_ops, K, X)
     Kd, Xd = to_numpy(out["K"]), to_numpy(X)  # the exact bf16 values, as float64
-    expect = dict(
-        inner=project(name, opts, Kd.T @ Xd @ Xd.T @ Kd),
-        inner_none=project(name, opts, Kd.T @ Kd),
-        KK=Kd @ Kd,
-        diag_add=Kd - np.eye(d),
-        matmul=Kd @ Xd,
-        rmatmat=Kd.T @ Xd,
-        frobenius_norm=np.linalg.norm(Kd),
-        max_abs=np.abs(Kd).max(),
-    )
+    expect = {
+        "inner": project(name, opts, Kd.T @ Xd @ Xd.T @ Kd),
+        "inner_none": project(name, opts, Kd.T @ Kd),
+        "KK": Kd @ Kd,
+        "diag_add": Kd - np.eye(d),
+        "matmul": Kd @ Xd,
+        "rmatmat": Kd.T @ Xd,
+        "frobenius_norm": np.linalg.norm(Kd),
+        "max_abs": np.abs(Kd).max(),
+    }
     for what, value in expect.items():
         got = out[what].to_dense() if what == "inner" else out[what]
         assert out[what].dtype == bf16, what
