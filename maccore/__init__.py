@@ -29,6 +29,8 @@ from maccore.mac import (
     mean_activation,
     split_qkv,
 )
+from maccore import structures
+from maccore.singd import SingdState, singd, singd_statistics
 from maccore.rows import (
     ConvSpec,
     KFACType,
@@ -60,6 +62,7 @@ __all__ = [
     "MacState",
     "Preconditioner",
     "QkvSpec",
+    "SingdState",
     "attention_probs",
     "attention_weighted_mean",
     "conv2d_grad_rows",
@@ -84,8 +87,11 @@ __all__ = [
     "mac_apply",
     "mean_activation",
     "pi_dampings",
+    "singd",
+    "singd_statistics",
     "split_grad_matrix",
     "split_qkv",
+    "structures",
     "to_grad_rows",
     "to_rows",
 ]

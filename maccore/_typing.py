@@ -14,8 +14,10 @@ class Preconditioner(NamedTuple):
     - ``refresh(state) -> state``: rebuild the cache that ``apply`` reads (debiased mean, inverses,
       ...).
     - ``apply(state, grad_mat) -> grad_mat``: precondition a ``[d_out, d̃]`` gradient matrix.
-    - ``to_dense(state) -> [d_out·d̃, d_out·d̃]`` (row-major vec): the curvature matrix whose damped
-      inverse ``apply`` multiplies with; tests and oracles only.
+    - ``to_dense(state, d_out) -> [d_out·d̃, d_out·d̃]`` (row-major vec), tests and oracles only:
+      for MAC and KFAC the damped curvature matrix whose inverse ``apply`` multiplies with; for
+      SINGD, which never forms a curvature, the preconditioner itself ``(CCᵀ) ⊗ (KKᵀ)`` that
+      ``apply`` multiplies with.
 
     The states are NamedTuples of arrays, i.e. pytrees; no step counter lives inside them.
     """
