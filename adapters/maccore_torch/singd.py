@@ -133,6 +133,8 @@ class SINGDPreconditioner(HookedPreconditioner):
         process_group: Any = None,
     ):
         self.kfac_approx = maccore.KFACType(kfac_approx)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be a positive integer, got {T!r}")
         if loss_average not in _LOSS_AVERAGE:
             raise ValueError(f"loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
         if reduction_factor is not None and not (
