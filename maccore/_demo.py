@@ -43,8 +43,8 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
                  "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
-                  "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 0.1,
+                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
     },
     "cnn": {
         "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
@@ -53,8 +53,8 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
                  "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 1e-3,
-                  "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 0.1,
+                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
     },
     "transformer": {
         "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
@@ -63,8 +63,8 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
                 "damping": 1.0, "t_cov": 5, "t_inv": 10},
         "kfac": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "stat_decay": 0.95,
                  "damping": 1.0, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3,
-                  "alpha1": 0.5, "lr_cov": 1e-2, "T": 5},
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.1,
+                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
     },
 }
 

@@ -161,6 +161,7 @@ def build_optimizer(method: str, model: nn.Module, model_name: str) -> torch.opt
         # SINGD keeps the published singd package's argument names (lr, momentum, damping, alpha1,
         # weight_decay, T, lr_cov, loss_average, ...)
         hp["loss_average"] = "batch+sequence" if model_name == "transformer" else "batch"
+        hp["warn_unsupported"] = False  # embeddings/norms train unpreconditioned, by design here
         kw, ignored = _demo.accepted_kwargs(SINGD, hp)
         opt = SINGD(model, **kw)
         opt._maccore_demo_note = f"ignored: {', '.join(ignored)}" if ignored else ""
