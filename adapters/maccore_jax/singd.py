@@ -27,7 +27,8 @@ the statistics of the union of the shards, weighted like the device mean of the 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import array_api_compat
 import jax
@@ -39,15 +40,10 @@ import maccore
 from maccore.singd import SingdState
 from maccore.singd import singd as _core_singd
 
-from maccore_jax.transform import (
-    Method,
-    _check_on_nonfinite,
-    momentum as _momentum,
-    scale_by_curvature,
-    skip_nonfinite,
-)
+from maccore_jax.transform import Method, _check_on_nonfinite, scale_by_curvature, skip_nonfinite
+from maccore_jax.transform import momentum as _momentum
 
-__all__ = ["SingdLayerState", "singd_method", "scale_by_singd", "singd"]
+__all__ = ["SingdLayerState", "scale_by_singd", "singd", "singd_method"]
 
 _LOSS_AVERAGE = (None, "batch", "batch+sequence")
 

@@ -44,7 +44,8 @@ import functools
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,6 @@ from torch import nn
 import maccore
 from maccore.singd import SingdState
 from maccore.singd import singd as _core_singd
-
 from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, _Acc
 from maccore_torch.attention import MhaCapture
 from maccore_torch.specs import Layer

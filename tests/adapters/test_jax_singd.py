@@ -22,7 +22,6 @@ from tests.adapters.test_jax_transform import (
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import maccore  # noqa: E402
 import maccore_jax as mj  # noqa: E402
@@ -182,3 +181,25 @@ def test_bad_arguments():
         tx = scale_by_singd(layers=LAYERS)
         grads, acts, _ = step_data(0)
         tx.update(grads, tx.init(tree_params()), activations=acts)
+
+
+def test_axis_name_equals_single_device_on_the_union():
+    """Two mapped shards (loss averaged per shard) == one device on the concatenated batch (the
+    global loss is the mean of the shard losses, so its output gradients are the shard's halved)."""
+    kw = dict(T=1, lr_cov=0.1, damping=0.05, layers=LAYERS)
+    tx_dev = scale_by_singd(axis_name="d", **kw)
+    tx_one = scale_by_singd(**kw)
+    s_dev, s_one = tx_dev.init(tree_params()), tx_one.init(tree_params())
+    split = lambda t: jax.tree.map(lambda a: a.reshape(2, a.shape[0] // 2, *a.shape[1:]), t)  # noqa: E731
+    for t in range(2):
+        grads, acts, gouts = step_data(t)
+        u_one, s_one = tx_one.update(grads, s_one, activations=acts,
+                                     output_grads=jax.tree.map(lambda g: g / 2, gouts))
+        upd = jax.vmap(lambda g, s, a, go: tx_dev.update(g, s, activations=a, output_grads=go),
+                       in_axes=(None, None, 0, 0), out_axes=(0, 0), axis_name="d")
+        u_dev, s_all = upd(grads, s_dev, split(acts), split(gouts))
+        s_dev = jax.tree.map(lambda x: x[0], s_all)
+        for a, b in zip(jax.tree.leaves(u_dev), jax.tree.leaves(u_one)):
+            np.testing.assert_allclose(to_np(a[0]), to_np(b), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(to_np(a[1]), to_np(b), rtol=1e-4, atol=1e-5)
+    tree_allclose(s_dev, s_one, rtol=1e-4, atol=1e-5)
