@@ -571,8 +571,10 @@ def _naive_im2col(x, k, stride, pad, dil):
 
 @_check("rows.conv2d_im2col")
 def _conv_rows(ctx: _Ctx) -> float:
-    """M-P9/§1.7: conv2d_rows == naive im2col (stride, padding, dilation), mean patch == row mean,
-    and rows @ W.reshape(C_out, -1)ᵀ reproduces the convolution (the (c, i, j) ordering)."""
+    """M-P9/§1.7: conv2d_rows == naive im2col; mean patch == row mean; rows @ Wᵀ == the conv.
+
+    Strides, padding and dilation are varied; the last comparison checks the (c, i, j) ordering.
+    """
     import maccore as mc
 
     np = _np()
@@ -600,8 +602,11 @@ def _conv_rows(ctx: _Ctx) -> float:
 
 @_check("singd.structures")
 def _singd_structures(ctx: _Ctx) -> float:
-    """SINGD structures (MATH.md §5.5): Π(S) for dense/diagonal/block-diagonal against NumPy
-    oracles, every structure's ``matmul`` against its ``to_dense``, and ``to_dense`` against NumPy."""
+    """§5.5: SINGD structures' projections Π(S), products and to_dense agree with NumPy oracles.
+
+    Dense, diagonal and block-diagonal projections have closed forms; every structure's ``matmul``
+    is compared with its ``to_dense`` and the backend's ``to_dense`` with NumPy's.
+    """
     from maccore import structures
 
     np = _np()
