@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass
@@ -25,7 +26,13 @@ class Result:
         return statistics.median(self.ratios)
 
     @property
+    def available(self) -> bool:
+        return any(not math.isnan(r) for r in self.ratios)
+
+    @property
     def status(self) -> str:
+        if not self.available:
+            return "n/a"
         if self.target is None:
             return "report"
         if self.higher_is_better:
@@ -75,32 +82,77 @@ def paired_ratios(
     return ratios
 
 
-def machine_info() -> str:
-    import importlib
+def interleaved_times(
+    fns: dict[Any, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[Any, list[float]]:
+    """Seconds of ``repeats`` rounds; every round times each function once, in an order rotated
+    from round to round, so ratios of the i-th entries compare measurements taken side by side."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    out: dict[Any, list[float]] = {n: [] for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(repeats):
+            k = i % len(names)
+            order = names[k:] + names[:k]
+            if (i // len(names)) % 2:
+                order = order[::-1]
+            for n in order:
+                out[n].append(time_once(fns[n], sync))
+    finally:
+        gc.enable()
+    return out
 
-    parts = [platform.platform(), platform.processor() or platform.machine(), f"python {platform.python_version()}"]
-    for mod in ("numpy", "torch", "jax", "cupy"):
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> str:
+    """Platform, CPU, core count, load average (concurrent processes) and library versions."""
+    import importlib
+    import os
+
+    parts = [platform.platform(), _cpu_model(), f"{os.cpu_count()} cpus"]
+    try:
+        parts.append("load average %.1f/%.1f/%.1f" % os.getloadavg())
+    except (AttributeError, OSError):
+        pass
+    parts.append(f"python {platform.python_version()}")
+    for mod in ("maccore", "numpy", "scipy", "torch", "jax", "cupy", "sklearn"):
         try:
             m = importlib.import_module(mod)
-            parts.append(f"{mod} {m.__version__}")
+            parts.append(f"{mod} {getattr(m, '__version__', '?')}")
         except Exception:
             pass
-    try:
-        import os
-
-        parts.append(f"{os.cpu_count()} cpus")
-    except Exception:
-        pass
     return ", ".join(parts)
 
 
 def print_table(results: list[Result]) -> None:
-    head = f"{'benchmark':<52} {'baseline':<34} {'min':>7} {'median':>7} {'max':>7} {'target':>8}  status"
+    wn = max([len("benchmark")] + [len(r.name) for r in results])
+    wb = max([len("baseline")] + [len(r.baseline) for r in results])
+    head = f"{'benchmark':<{wn}} {'baseline':<{wb}} {'min':>7} {'median':>7} {'max':>7} {'target':>8}  status"
     print(head)
     print("-" * len(head))
     for r in results:
         tgt = "-" if r.target is None else (f">={r.target:g}" if r.higher_is_better else f"<={r.target:g}")
-        print(
-            f"{r.name:<52} {r.baseline:<34} {min(r.ratios):7.3f} {r.median:7.3f} {max(r.ratios):7.3f} "
-            f"{tgt:>8}  {r.status}" + (f"  ({r.note})" if r.note else "")
-        )
+        if r.available:
+            vals = [x for x in r.ratios if not math.isnan(x)]
+            nums = f"{min(vals):7.3f} {statistics.median(vals):7.3f} {max(vals):7.3f}"
+        else:
+            nums = f"{'-':>7} {'-':>7} {'-':>7}"
+        print(f"{r.name:<{wn}} {r.baseline:<{wb}} {nums} {tgt:>8}  {r.status}" + (f"  ({r.note})" if r.note else ""))

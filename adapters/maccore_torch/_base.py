@@ -67,16 +67,37 @@ class _Acc:
             self.weight = total
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled() if device_type == "cuda" else True
+    except RuntimeError:  # device types without autocast support
+        return False
+
+
 @contextlib.contextmanager
-def stats_mode(t: torch.Tensor):
-    """No autograd and no autocast while statistics are computed (float32 statistics, T11)."""
+def _no_grad_no_autocast(device_type: str):
     with torch.no_grad():
         try:
-            ctx = torch.autocast(device_type=t.device.type, enabled=False)
+            ctx = torch.autocast(device_type=device_type, enabled=False)
         except Exception:  # device types without autocast support
             ctx = contextlib.nullcontext()
         with ctx:
             yield
+
+
+def stats_mode(t: torch.Tensor):
+    """No autograd and no autocast while statistics are computed (float32 statistics, T11).
+
+    Outside autocast regions this is a plain ``torch.no_grad()`` (building an autocast context on
+    every hook call costs more than the statistic of a small layer)."""
+    device_type = t.device.type
+    if _autocast_enabled(device_type):
+        return _no_grad_no_autocast(device_type)
+    return torch.no_grad()
 
 
 def _unsqueeze0(t: torch.Tensor) -> torch.Tensor:
@@ -161,20 +182,45 @@ class HookedPreconditioner:
         self.grad_scaler = grad_scaler
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
-        self.t = 0
+        self._t = 0
         found = discover_layers(model, attention=attention, skip=skip_layers, param_ids=_param_ids(params))
         self.layers: list[Layer] = [l for l in found if l.role in self.roles]
         for layer in self.layers:
             layer.state = self._init_state(layer)
+        # Forward hooks are attached only while the current step collects statistics (every t_cov
+        # steps): the forwards of the other steps run hook-free, at the model's own speed.
+        self._hooked: dict[int, tuple[nn.Module, Callable]] = {}
         self._handles: dict[int, Any] = {}
+        self._detached = False
         by_module: dict[int, tuple[nn.Module, list[Layer]]] = {}
         for layer in self.layers:
             for m in layer.modules:
                 by_module.setdefault(id(m), (m, []))[1].append(layer)
         for key, (m, layers) in by_module.items():
-            self._handles[key] = m.register_forward_hook(
-                functools.partial(self._on_forward, layers), with_kwargs=True
-            )
+            self._hooked[key] = (m, functools.partial(self._on_forward, layers))
+        self._sync_hooks()
+
+    @property
+    def t(self) -> int:
+        """Number of completed (not skipped) steps; decides the statistics / refresh schedule."""
+        return self._t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self._t = int(value)
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Attach the forward hooks for a collecting step, detach them otherwise."""
+        want = not self._detached and self._t % self.t_cov == 0
+        if want:
+            for key, (m, hook) in self._hooked.items():
+                if key not in self._handles:
+                    self._handles[key] = m.register_forward_hook(hook, with_kwargs=True)
+        elif self._handles:
+            for h in self._handles.values():
+                h.remove()
+            self._handles.clear()
 
     # ------------------------------------------------------------------ method hooks (override)
     def _init_state(self, layer: Layer) -> Any:
@@ -335,16 +381,40 @@ class HookedPreconditioner:
 
     # ------------------------------------------------------------------ step
     def _all_finite(self, params: Iterable[torch.Tensor], stats: list[dict]) -> bool:
-        parts = []
-        for p in params:
-            g = p.grad
-            if g is not None:
-                parts.append(g.detach().sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32))
-        parts += [v.sum() for s in stats for v in s.values()]
+        """Whether every gradient and statistic is finite, with one host sync.
+
+        One fused check per device (``torch._amp_foreach_non_finite_check_and_unscale_`` with
+        scale 1, the kernel ``GradScaler`` uses: ×1 leaves every value bit-for-bit unchanged), so
+        the cost does not grow by a kernel launch per parameter; tensors that are part of a graph
+        (``create_graph=True``) and devices without that kernel use one sum per tensor.
+        """
+        parts = [p.grad for p in params if p.grad is not None]
+        parts += [v for s in stats for v in s.values()]
         if not parts:
             return True
-        dev = parts[0].device
-        return bool(torch.isfinite(torch.stack([p.to(device=dev, dtype=torch.float64) for p in parts]).sum()))
+        by_dev: dict[Any, list[torch.Tensor]] = {}
+        slow: list[torch.Tensor] = []
+        for t in parts:
+            if t.requires_grad or t.is_sparse or not t.is_floating_point():
+                slow.append(t)
+            else:
+                by_dev.setdefault(t.device, []).append(t)
+        flags = []
+        for dev, ts in by_dev.items():
+            found = torch.zeros((), dtype=torch.float32, device=dev)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones((), device=dev))
+            except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+                slow += ts
+                continue
+            flags.append(found == 0)
+        if slow:
+            sums = [t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                    for t in slow]
+            dev = sums[0].device
+            flags.append(torch.isfinite(torch.stack([x.to(device=dev, dtype=torch.float64) for x in sums]).sum()))
+        ok = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+        return bool(ok)
 
     def _layer_params(self) -> list[torch.Tensor]:
         return [p for l in self.layers for p in (l.weight, l.bias) if p is not None]
@@ -446,15 +516,15 @@ class HookedPreconditioner:
     def _remove_hook(self, layer: Layer) -> None:
         for m in layer.modules:
             if sum(m in l.modules for l in self.layers) == 1:
+                self._hooked.pop(id(m), None)
                 h = self._handles.pop(id(m), None)
                 if h is not None:
                     h.remove()
 
     def remove_hooks(self) -> None:
         """Detach from the model (no more statistics are collected)."""
-        for h in self._handles.values():
-            h.remove()
-        self._handles.clear()
+        self._detached = True
+        self._sync_hooks()
 
     def report(self, params: Iterable[torch.Tensor] | None = None) -> str:
         """A table of every parameter (default: the model's trainable ones), its layer and the
@@ -532,26 +602,43 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not self.preconditioner.step(check=params):
             return loss
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            coupled = group["weight_decay_mode"] == "coupled"
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if coupled and wd != 0:
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = g.detach().clone()
-                    d = buf if not group["nesterov"] else g
-                else:
-                    buf.mul_(mu).add_(g)
-                    d = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                if not coupled and wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(d, alpha=-lr)
+            self._update_group(group)
         return loss
+
+    def _update_group(self, group: dict) -> None:
+        """The momentum / weight-decay update of one param group with ``torch._foreach_*`` ops
+        (a constant number of kernel launches per group, not per parameter)."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        coupled = group["weight_decay_mode"] == "coupled"
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not ps:
+            return
+        gs = [p.grad for p in ps]
+        if coupled and wd != 0:
+            gs = list(torch._foreach_add(gs, ps, alpha=wd))
+        bufs, new, old_b, old_g = [], [], [], []
+        for p, g in zip(ps, gs):
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.detach().clone()
+                new.append(len(bufs))
+            else:
+                old_b.append(buf)
+                old_g.append(g)
+            bufs.append(buf)
+        if old_b:
+            torch._foreach_mul_(old_b, mu)
+            torch._foreach_add_(old_b, old_g)
+        if group["nesterov"]:
+            ds = list(torch._foreach_add(gs, bufs, alpha=mu))
+            for i in new:  # first step: d = ĝ'
+                ds[i] = gs[i]
+        else:
+            ds = bufs
+        if not coupled and wd != 0:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_add_(ps, ds, alpha=-lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

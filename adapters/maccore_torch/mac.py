@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import maccore
+from maccore import _delegate
 
 from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, stats_mode
 from maccore_torch.attention import MhaCapture, qkv_probs
@@ -51,7 +52,7 @@ def row_mean(spec: maccore.LayerSpec, x: torch.Tensor) -> torch.Tensor:
                                          dilation=cs.dilation, bias=spec.has_bias, groups=cs.groups)
     if x.shape[-1] != spec.d_in:
         raise ValueError(f"{spec.name}: input of shape {list(x.shape)} does not have {spec.d_in} features")
-    mean = maccore.mean_activation(maccore.linear_rows(x, bias=False))
+    mean = maccore.mean_activation(x.reshape(-1, x.shape[-1]))  # the rows of maccore.linear_rows(x, bias=False)
     return torch.cat([mean, mean.new_ones(1)]) if spec.has_bias else mean
 
 
@@ -203,6 +204,57 @@ class MACPreconditioner(HookedPreconditioner):
 
     def _refresh(self, layer: Layer) -> None:
         layer.state = self._core(layer).refresh(layer.state)
+
+    def _fast_terms(self, layer: Layer) -> tuple:
+        """``(â_w, â_b, s)`` of the current state: views of â split into weight part
+        and bias entry and the 0-d ``s = 1/(λ + âᵀâ)`` (``None`` for per-head factors); cached until the next
+        refresh (keyed on the identity of the state's ``mean_hat``, which every refresh or load
+        replaces). No vector beyond the state is kept: ``â/(λ + âᵀâ) = s·â``."""
+        st = layer.state
+        c = layer.cache
+        if c is not None and c[0] is st.mean_hat:
+            return c[1]
+        a = st.mean_hat
+        # one 0-d scalar per layer; per-head factors ([H, d̃]) recompute their [H, 1] each step
+        inv = self._inv_norm(a)[0] if a.ndim == 1 else None
+        n = a.shape[-1] - (1 if layer.bias is not None else 0)
+        bias = layer.bias is not None
+        terms = (a[..., :n], a[..., n] if bias else None, inv)
+        layer.cache = (st.mean_hat, terms)
+        return terms
+
+    def _inv_norm(self, a: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (self.damping + torch.sum(a * a, dim=-1, keepdim=True))  # as maccore.mac_apply
+
+    def _precondition(self, layer: Layer) -> None:
+        """``maccore.mac_apply`` computed in place on ``.grad`` (no concatenation of weight and
+        bias gradients, no copies; :func:`maccore._delegate.rank1_split_torch_parts`), when the
+        gradients are contiguous, of the statistics dtype and not part of a graph; otherwise the
+        generic path (grad matrix → core ``apply`` → split)."""
+        gw = layer.weight.grad
+        if gw is None:
+            return
+        gb = None if layer.bias is None else layer.bias.grad
+        if (layer.first_inv is not None or (layer.bias is not None and gb is None)
+                or gw.dtype != layer.state.mean_hat.dtype or gw.requires_grad or not gw.is_contiguous()
+                or (gb is not None and (gb.dtype != gw.dtype or gb.requires_grad or not gb.is_contiguous()))):
+            super()._precondition(layer)
+            return
+        aw, ab, inv = self._fast_terms(layer)
+        if inv is None:
+            inv = self._inv_norm(layer.state.mean_hat)
+        g2 = gw if gw.ndim == 2 else gw.view(gw.shape[0], -1)
+        _delegate.rank1_split_torch_parts(g2, gb, aw, ab, aw, ab, inplace=True, scale=inv)
+        if self.scale == "inverse":
+            g2.div_(self.damping)
+            if gb is not None:
+                gb.div_(self.damping)
+        z = layer.state.diag_hat
+        if z is not None:  # SMAC: diag(1/(ẑ + λ)) from the left, as maccore.mac_apply
+            div = z + self.damping
+            g2.div_(div.unsqueeze(1))
+            if gb is not None:
+                gb.div_(div)
 
     def _apply(self, layer: Layer, grad_mat: torch.Tensor) -> torch.Tensor:
         if layer.first_inv is None:

@@ -94,6 +94,7 @@ class Layer:
     updates: int = 0  # number of statistics folds (Python mirror of the EMA count: no device sync)
     first_inv: torch.Tensor | None = None  # MAC: the first layer's full damped inverse
     acc: dict = field(default_factory=dict)  # statistics accumulated during the current step
+    cache: Any = None  # method-specific values derived from ``state`` at refresh (e.g. MAC's coef)
 
     @property
     def spec(self) -> LayerSpec:

@@ -1,0 +1,252 @@
+"""Native fast paths (maccore/_delegate.py and the torch adapter's in-place MAC step) against the
+standard-only formulation they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maccore import _delegate
+from tests.conftest import asarray, assert_close, to_numpy, tol
+
+SPLIT_CASES = [  # (d_out, n, heads, bias)
+    (1, 1, None, True),
+    (7, 5, None, True),
+    (7, 5, None, False),
+    (64, 300, None, True),
+    (12, 9, 3, True),
+    (12, 9, 3, False),
+    (24, 17, 12, True),
+]
+
+
+def _split_data(xp, dtype, d_out, n, heads, bias, seed=0):
+    rng = np.random.default_rng(seed)
+    gw = rng.standard_normal((d_out, n))
+    gb = rng.standard_normal(d_out) if bias else None
+    shape = (n + bias,) if heads is None else (heads, n + bias)
+    a = rng.standard_normal(shape) + 0.5
+    if bias:
+        a[..., n] = 1.0
+    coef = a / (0.7 + np.sum(a * a, axis=-1, keepdims=True))
+    g_full = gw if gb is None else np.concatenate([gw, gb[:, None]], axis=1)
+    if heads is None:
+        want = g_full - np.outer(g_full @ a, coef)
+    else:
+        gh = g_full.reshape(heads, d_out // heads, -1)
+        want = (gh - (gh @ a[:, :, None]) * coef[:, None, :]).reshape(d_out, -1)
+    conv = lambda v: None if v is None else asarray(xp, v, dtype)  # noqa: E731
+    return conv(gw), conv(gb), conv(a), conv(coef), g_full, want
+
+
+@pytest.mark.parametrize("d_out,n,heads,bias", SPLIT_CASES)
+def test_rank1_update_split_standard(xp, dtype, d_out, n, heads, bias):
+    """The split (weight, bias) form equals the rank-1 update of the concatenated matrix."""
+    gw, gb, a, coef, _, want = _split_data(xp, dtype, d_out, n, heads, bias)
+    new_w, new_b = _delegate.rank1_update_split_standard(xp, gw, gb, a, coef)
+    assert new_w.dtype == dtype and tuple(new_w.shape) == (d_out, n)
+    assert_close(new_w, want[:, :n], **tol(xp, dtype))
+    if bias:
+        assert new_b.dtype == dtype and tuple(new_b.shape) == (d_out,)
+        assert_close(new_b, want[:, n], **tol(xp, dtype))
+    else:
+        assert new_b is None
+    # the dispatching entry point agrees with the standard form on every backend
+    fw, fb = _delegate.rank1_update_split(xp, gw, gb, a, coef)
+    assert_close(fw, to_numpy(new_w), **tol(xp, dtype))
+    if bias:
+        assert_close(fb, to_numpy(new_b), **tol(xp, dtype))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("d_out,n,heads,bias", SPLIT_CASES)
+def test_rank1_update_split_torch_fast_path(dt, d_out, n, heads, bias, inplace):
+    """torch mv/bmm + addr/baddbmm/addcmul (optionally in place) against the standard form."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(torch.empty(0))
+    dtype = getattr(torch, dt)
+    gw, gb, a, coef, _, _ = _split_data(xp, dtype, d_out, n, heads, bias, seed=1)
+    std_w, std_b = _delegate.rank1_update_split_standard(xp, gw, gb, a, coef)
+    gw0, gb0 = gw.clone(), None if gb is None else gb.clone()
+    fw, fb = _delegate.rank1_update_split(xp, gw, gb, a, coef, inplace=inplace)
+    assert fw.dtype == dtype and fw.shape == gw.shape
+    assert_close(fw, to_numpy(std_w), **tol(xp, dtype))
+    if bias:
+        assert_close(fb, to_numpy(std_b), **tol(xp, dtype))
+    if inplace:  # written into the given tensors
+        assert fw.data_ptr() == gw.data_ptr() and (not bias or fb.data_ptr() == gb.data_ptr())
+    else:  # inputs untouched
+        assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
+
+
+def test_rank1_update_split_torch_parts_matches_unsplit():
+    """The pre-split entry point (what the adapter caches) equals the unsplit one."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(torch.empty(0))
+    gw, gb, a, coef, _, _ = _split_data(xp, torch.float64, 12, 9, 3, True, seed=2)
+    n = gw.shape[1]
+    w1, b1 = _delegate.rank1_update_split(xp, gw, gb, a, coef)
+    w2, b2 = _delegate.rank1_split_torch_parts(gw, gb, a[:, :n], a[:, n], coef[:, :n], coef[:, n], inplace=False)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("dt", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("chunk", [64, 4096, 1 << 19])
+@pytest.mark.parametrize("m,n", [(1, 1), (33, 7), (300, 2000), (2000, 3), (0, 5), (4, 0)])
+def test_rank1_numpy_fast_path(chunk, m, n, dt, layout, blas, monkeypatch):
+    """The cache-blocked NumPy loop (BLAS ?ger through SciPy, or ufuncs) equals the standard form for
+    any block size (1 row … the whole matrix), dtype and memory layout, and leaves ``g`` untouched."""
+    import array_api_compat
+
+    if blas and dt != "float16":
+        pytest.importorskip("scipy")
+    xp = array_api_compat.array_namespace(np.empty(0))
+    monkeypatch.setattr(_delegate, "_CHUNK_BYTES", chunk)
+    rng = np.random.default_rng(m + n)
+    g = rng.standard_normal((m, 2 * n) if layout == "strided" else (m, n)).astype(dt)
+    g = g[:, ::2] if layout == "strided" else (np.asfortranarray(g) if layout == "F" else g)
+    a = rng.standard_normal(n).astype(dt)
+    coef = (a / (1.0 + a.astype(np.float64) @ a)).astype(dt)
+    g0 = g.copy()
+    fast = _delegate._rank1_numpy(g, a, coef, blas=blas)
+    std = _delegate.rank1_update_standard(xp, g, a, coef)
+    assert fast.dtype == g.dtype and fast.shape == (m, n)
+    assert np.array_equal(g, g0)
+    if m and n:
+        t = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dt]
+        np.testing.assert_allclose(fast.astype(np.float64), std.astype(np.float64), rtol=t,
+                                   atol=t * max(1.0, float(np.abs(std.astype(np.float64)).max())))
+    # the dispatching entry point takes the same path
+    np.testing.assert_array_equal(_delegate.rank1_update(xp, g, a, coef), _delegate._rank1_numpy(g, a, coef))
+
+
+def test_rank1_numpy_without_scipy(monkeypatch):
+    """No SciPy: the ufunc loop, same result."""
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(np.empty(0))
+    monkeypatch.setattr(_delegate, "_GER", {"f": None, "d": None})
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((50, 40)).astype(np.float32)
+    a = rng.standard_normal(40).astype(np.float32)
+    coef = (a / (1.0 + a @ a)).astype(np.float32)
+    np.testing.assert_array_equal(_delegate.rank1_update(xp, g, a, coef), _delegate._rank1_numpy(g, a, coef, blas=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch adapter's in-place MAC step against the generic path (grad matrix → core apply → split)
+
+
+def _adapter():
+    torch = pytest.importorskip("torch")
+    try:
+        import maccore_torch
+    except ImportError:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "adapters"))
+        import maccore_torch
+    return torch, maccore_torch
+
+
+@pytest.mark.parametrize("scale", ["reference", "inverse"])
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt):
+    torch, mt = _adapter()
+    import maccore
+    from torch import nn
+
+    from maccore_torch._base import HookedPreconditioner
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.qkv = nn.Linear(4, 12)
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.head = nn.Linear(4 * 4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))  # [B, 4, 2, 2]
+            t = h.flatten(2).transpose(1, 2)  # [B, 4 tokens, 4]
+            b, n, d = t.shape
+            q, k, v = self.qkv(t).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+            t = self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
+            return self.head(t.flatten(1))
+
+    dtype = getattr(torch, dt)
+    for mode in ("reference", "per_head", "off"):
+        torch.manual_seed(0)
+        model = Net().to(dtype)
+        pre = mt.MACPreconditioner(model, damping=0.3, t_cov=1, t_inv=1, scale=scale, diagonal=diagonal,
+                                   attention={"qkv": mt.QKV(num_heads=2, mode=mode)})
+        x = torch.randn(5, 2, 2, 2, dtype=dtype)
+        for _ in range(2):
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads = {l.name: (l.weight.grad.clone(), None if l.bias is None else l.bias.grad.clone())
+                     for l in pre.layers}
+            ptrs = {l.name: l.weight.grad.data_ptr() for l in pre.layers}
+            pre.step()
+            for layer in pre.layers:
+                gw, gb = grads[layer.name]
+                mat = maccore.grad_matrix(gw, gb)
+                want = pre._core(layer).apply(layer.state, mat)
+                got = maccore.grad_matrix(layer.weight.grad, None if layer.bias is None else layer.bias.grad)
+                t = {"rtol": 1e-5, "atol": 1e-6} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-13}
+                torch.testing.assert_close(got, want, **t)
+                assert layer.weight.grad.data_ptr() == ptrs[layer.name]  # written in place
+            # the generic path on the same gradients gives the same result
+            layer = pre.layers[0]
+            layer.weight.grad, layer.bias.grad = (g.clone() for g in grads[layer.name])
+            HookedPreconditioner._precondition(pre, layer)
+            want = pre._core(layer).apply(layer.state, maccore.grad_matrix(*grads[layer.name]))
+            torch.testing.assert_close(maccore.grad_matrix(layer.weight.grad, layer.bias.grad), want,
+                                       **({"rtol": 1e-5, "atol": 1e-6} if dt == "float32" else {}))
+
+
+def test_torch_adapter_falls_back_for_low_precision_grads():
+    """bfloat16 gradients (float32 statistics) take the generic path: core apply in float32."""
+    torch, mt = _adapter()
+    import maccore
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(torch.bfloat16)
+    pre = mt.MACPreconditioner(model, damping=0.5, t_cov=1, t_inv=1)
+    model(torch.randn(8, 6, dtype=torch.bfloat16)).float().square().sum().backward()
+    grads = {l.name: (l.weight.grad.clone(), l.bias.grad.clone()) for l in pre.layers}
+    pre.step()
+    for layer in pre.layers:
+        want = pre._core(layer).apply(layer.state, maccore.grad_matrix(*grads[layer.name]))
+        got = maccore.grad_matrix(layer.weight.grad, layer.bias.grad)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_rank1_update_split_torch_parts_scaled(heads):
+    """``scale`` s with ``c = a``: the same as ``coef = s·a`` (how the adapter avoids a coef vector)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(torch.empty(0))
+    gw, gb, a, coef, _, want = _split_data(xp, torch.float64, 12, 9, heads, True, seed=3)
+    n = gw.shape[1]
+    s = 1.0 / (0.7 + torch.sum(a * a, dim=-1, keepdim=True))
+    if heads is None:
+        s = s[0]
+    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[..., :n], a[..., n], a[..., :n], a[..., n],
+                                            inplace=True, scale=s)
+    torch.testing.assert_close(w, torch.as_tensor(want[:, :n]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, torch.as_tensor(want[:, n]), rtol=1e-12, atol=1e-12)
