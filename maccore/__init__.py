@@ -5,6 +5,7 @@ array_api_strict) and returns the same namespace, device and dtype as its main i
 Conventions (row-major, bias last, canonical A/G split): see ``docs/conventions.md``.
 """
 
+from maccore import checkpoint  # noqa: F401  (portable checkpoints: maccore.checkpoint)
 from maccore._typing import Preconditioner
 from maccore._xp import is_due
 from maccore.ema import EmaState, ema_debiased, ema_init, ema_update

@@ -22,6 +22,11 @@ __all__ = [
     "check_ndim",
     "check_dim",
     "check_damping",
+    "check_decay",
+    "check_floating",
+    "check_positive_int",
+    "check_flag",
+    "check_xp",
     "is_due",
     "shape_str",
 ]
@@ -36,14 +41,23 @@ def _where(where: str | None) -> str:
     return f"{where}: " if where else ""
 
 
-def namespace(*, where: str | None = None, **arrays: Array) -> Namespace:
-    """Return the common Array-API namespace of the named arrays (``None`` values are ignored).
+def namespace(
+    *, where: str | None = None, optional: tuple[str, ...] | None = None, **arrays: Array
+) -> Namespace:
+    """Return the common Array-API namespace of the named arrays.
+
+    ``optional``: the names that may be ``None`` (ignored); every other ``None`` raises
+    ``TypeError``. ``optional=None`` (legacy) ignores every ``None``.
 
     Raises:
         TypeError: when an argument is not an array or the arrays come from different libraries
             (the message names every argument with its namespace and shape).
         ValueError: when the arrays live on different devices.
     """
+    if optional is not None:
+        for name, arr in arrays.items():
+            if arr is None and name not in optional:
+                raise TypeError(f"{_where(where)}argument {name!r} must be an array, got None")
     named = {k: v for k, v in arrays.items() if v is not None}
     spaces = {}
     for name, arr in named.items():
@@ -67,6 +81,20 @@ def namespace(*, where: str | None = None, **arrays: Array) -> Namespace:
         desc = ", ".join(f"{n}: {d}" for n, d in devices.items())
         raise ValueError(f"{_where(where)}arrays on different devices ({desc})")
     return xp
+
+
+def check_floating(
+    xp: Namespace, x: Array, name: str, where: str | None = None, *, integer_ok: bool = False
+) -> None:
+    """Raise ``TypeError`` unless ``x`` has a real floating dtype (or an integer one with
+    ``integer_ok``): booleans and complex numbers are never statistics or gradients."""
+    kinds = ("real floating", "integral") if integer_ok else "real floating"
+    if not xp.isdtype(x.dtype, kinds):
+        want = "a real floating or integer" if integer_ok else "a real floating"
+        raise TypeError(
+            f"{_where(where)}argument {name!r} must have {want} dtype, got {x.dtype} "
+            f"(shape {shape_str(x)})"
+        )
 
 
 def device_of(x: Array) -> Any:
@@ -108,10 +136,11 @@ def check_dim(
 def check_damping(
     damping: Any, name: str = "damping", where: str | None = None, *, pair: bool = True
 ) -> None:
-    """Damping must be a positive finite number (traced/array values are checked elsewhere).
+    """Damping must be a positive finite number, or a 0-d real floating array (a traced or
+    scheduled value, whose value is not inspected).
 
-    ``pair=True`` also accepts a tuple of such numbers (KFAC's ``(λ_G, λ_A)``); with ``pair=False``
-    a tuple raises ``TypeError``.
+    ``pair=True`` also accepts a tuple of two such numbers (KFAC's ``(λ_G, λ_A)``); with
+    ``pair=False`` a tuple raises ``TypeError``.
     """
     if isinstance(damping, bool):
         raise TypeError(f"{_where(where)}{name} must be a positive number, got {damping!r}")
@@ -121,12 +150,70 @@ def check_damping(
     elif isinstance(damping, tuple):
         if not pair:
             raise TypeError(f"{_where(where)}{name} must be a single positive number, got {damping!r}")
+        if len(damping) != 2:
+            raise ValueError(
+                f"{_where(where)}{name} must be a number or a pair (λ_G, λ_A), got {damping!r}"
+            )
         for i, d in enumerate(damping):
             check_damping(d, f"{name}[{i}]", where, pair=False)
+    elif compat.is_array_api_obj(damping):
+        xp = compat.array_namespace(damping)
+        if damping.ndim != 0 or not xp.isdtype(damping.dtype, "real floating"):
+            raise TypeError(
+                f"{_where(where)}{name} must be a number or a 0-d real floating array, got an "
+                f"array of shape {shape_str(damping)} and dtype {damping.dtype}"
+            )
+        try:
+            value = float(damping)
+        except Exception:  # a traced value (jax.jit): checked where it is made
+            return
+        check_damping(value, name, where, pair=False)
+    else:
+        raise TypeError(
+            f"{_where(where)}{name} must be a positive number, got {type(damping).__name__} "
+            f"{damping!r}"
+        )
+
+
+def check_decay(decay: Any, name: str = "decay", where: str | None = None) -> None:
+    """An EMA decay must be a real number in ``[0, 1)``."""
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(
+            f"{_where(where)}{name} must be a number in [0, 1), got {type(decay).__name__} {decay!r}"
+        )
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"{_where(where)}{name} must be in [0, 1), got {decay!r}")
+
+
+def check_positive_int(v: Any, name: str, where: str | None = None) -> int:
+    """``v`` must be a positive integer (not a bool); returns it as ``int``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{_where(where)}{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def check_flag(v: Any, name: str, where: str | None = None) -> bool:
+    """``v`` must be a boolean (Python or NumPy); returns it as ``bool``."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return bool(v)
+    raise TypeError(f"{_where(where)}{name} must be True or False, got {type(v).__name__} {v!r}")
+
+
+def check_xp(xp: Any, where: str | None = None) -> None:
+    """``xp`` must be an Array-API namespace (e.g. ``array_api_compat.array_namespace(x)``)."""
+    if not all(hasattr(xp, a) for a in ("zeros", "float32", "asarray", "eye")):
+        raise TypeError(
+            f"{_where(where)}xp must be an Array-API namespace (e.g. "
+            f"array_api_compat.array_namespace(x)), got {type(xp).__name__} {xp!r}"
+        )
 
 
 def is_due(count: Any, period: int) -> Any:
     """``count % period == 0``: the schedule predicate adapters evaluate (ints or traced arrays)."""
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
         raise ValueError(f"period must be a positive integer, got {period!r}")
+    if isinstance(count, bool) or not (
+        isinstance(count, numbers.Integral) or compat.is_array_api_obj(count)
+    ):
+        raise TypeError(f"is_due: count must be an integer, got {type(count).__name__} {count!r}")
     return count % period == 0

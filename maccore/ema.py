@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from maccore._xp import Array, device_of, namespace, stats_dtype
+from maccore._xp import (
+    Array,
+    check_decay,
+    check_floating,
+    check_xp,
+    device_of,
+    namespace,
+    stats_dtype,
+)
 
 __all__ = ["EmaState", "ema_init", "ema_update", "ema_debiased", "ema_weight"]
 
@@ -28,8 +36,19 @@ class EmaState(NamedTuple):
     weight: Array | None = None
 
 
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, EmaState):
+        raise TypeError(f"{where}: state must be a maccore.EmaState, got {type(state).__name__}")
+
+
 def ema_init(shape: tuple[int, ...], *, xp: Any, dtype: Any = None, device: Any = None) -> EmaState:
     """A zero EMA of the given shape (dtype defaults to float32)."""
+    check_xp(xp, "ema_init")
+    if not (
+        isinstance(shape, tuple)
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        raise ValueError(f"ema_init: shape must be a tuple of non-negative ints, got {shape!r}")
     dtype = xp.float32 if dtype is None else dtype
     return EmaState(
         count=xp.zeros((), dtype=xp.int32, device=device),
@@ -40,7 +59,10 @@ def ema_init(shape: tuple[int, ...], *, xp: Any, dtype: Any = None, device: Any 
 
 def ema_update(state: EmaState, x: Array, *, decay: float) -> EmaState:
     """Fold ``x`` into the EMA: ``decay * value + (1 - decay) * x``; ``count += 1``."""
-    xp = namespace(value=state.value, x=x, where="ema_update")
+    _check_state(state, "ema_update")
+    check_decay(decay, "decay", "ema_update")
+    xp = namespace(value=state.value, x=x, where="ema_update", optional=())
+    check_floating(xp, x, "x", "ema_update", integer_ok=True)
     if tuple(x.shape) != tuple(state.value.shape):
         raise ValueError(
             f"ema_update: statistic of shape {list(x.shape)} does not match the running average "
@@ -59,7 +81,9 @@ def ema_update(state: EmaState, x: Array, *, decay: float) -> EmaState:
 
 def ema_weight(state: EmaState, *, decay: float) -> Array:
     """``1 - decay**count`` (the total weight of the EMA), 0-d in the value's dtype."""
-    xp = namespace(value=state.value, where="ema_weight")
+    _check_state(state, "ema_weight")
+    check_decay(decay, "decay", "ema_weight")
+    xp = namespace(value=state.value, where="ema_weight", optional=())
     if state.weight is not None:
         return state.weight
     dt = stats_dtype(xp, state.value.dtype)
@@ -69,7 +93,8 @@ def ema_weight(state: EmaState, *, decay: float) -> Array:
 
 def ema_debiased(state: EmaState, *, decay: float) -> Array:
     """Bias-corrected average ``value / (1 - decay**count)``; zeros while ``count == 0``."""
-    xp = namespace(value=state.value, where="ema_debiased")
+    _check_state(state, "ema_debiased")
+    xp = namespace(value=state.value, where="ema_debiased", optional=())
     w = ema_weight(state, decay=decay)
     safe = xp.astype(xp.where(w > 0, w, xp.ones_like(w)), state.value.dtype)
     out = state.value / safe

@@ -16,13 +16,18 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import array_api_compat
 import array_api_extra as xpx
 
 from maccore._typing import Preconditioner
 from maccore._xp import (
     Array,
     check_damping,
+    check_decay,
+    check_floating,
     check_ndim,
+    check_positive_int,
+    check_xp,
     device_of,
     namespace,
     shape_str,
@@ -51,7 +56,8 @@ class DecompositionError(RuntimeError):
 
 def input_factor(rows: Array) -> Array:
     """A = E_rows[x̃ x̃ᵀ] = rowsᵀ rows / R → ``[d̃, d̃]`` in the statistics dtype."""
-    xp = namespace(rows=rows, where="input_factor")
+    xp = namespace(rows=rows, where="input_factor", optional=())
+    check_floating(xp, rows, "rows", "input_factor", integer_ok=True)
     check_ndim(rows, 2, "rows", "input_factor")
     if rows.shape[0] == 0:
         raise ValueError("input_factor: 'rows' has no rows (shape [0, ...])")
@@ -65,14 +71,20 @@ def gradient_factor(grad_rows: Array, *, reduction_factor: float) -> Array:
     Examples: mean-reduced CE over N samples → R = 1/N; summed MSE → R = 2. For type-II vectors that
     already carry √R, pass ``reduction_factor=1``.
     """
-    xp = namespace(grad_rows=grad_rows, where="gradient_factor")
+    xp = namespace(grad_rows=grad_rows, where="gradient_factor", optional=())
+    check_floating(xp, grad_rows, "grad_rows", "gradient_factor", integer_ok=True)
     check_ndim(grad_rows, 2, "grad_rows", "gradient_factor")
     check_damping(reduction_factor, "reduction_factor", "gradient_factor", pair=False)
     g = to_stats(xp, grad_rows)
     return (xp.matrix_transpose(g) @ g) / reduction_factor
 
 
+def _ns(x: Array) -> Any:
+    return array_api_compat.array_namespace(x)
+
+
 def _check_factor(m: Array, name: str, where: str) -> None:
+    check_floating(_ns(m), m, name, where)
     check_ndim(m, 2, name, where)
     if m.shape[0] != m.shape[1]:
         raise ValueError(f"{where}: factor {name!r} must be square, got shape {shape_str(m)}")
@@ -80,7 +92,7 @@ def _check_factor(m: Array, name: str, where: str) -> None:
 
 def pi_dampings(A: Array, G: Array, damping: Any) -> tuple[Array, Array]:
     """(λ_A, λ_G) of factored Tikhonov (π-) damping with λ_A·λ_G = λ (MATH.md §1.5, T16)."""
-    xp = namespace(A=A, G=G, where="pi_dampings")
+    xp = namespace(A=A, G=G, where="pi_dampings", optional=())
     _check_factor(A, "A", "pi_dampings")
     _check_factor(G, "G", "pi_dampings")
     check_damping(damping, "damping", "pi_dampings", pair=False)
@@ -110,7 +122,7 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
     Numerical policy: if the inverse fails or is non-finite in float32 it is retried in float64;
     if that fails too a :class:`DecompositionError` names the factor.
     """
-    xp = namespace(M=M, where="damped_inverse")
+    xp = namespace(M=M, where="damped_inverse", optional=())
     _check_factor(M, name, "damped_inverse")
     check_damping(damping, "damping", "damped_inverse", pair=False)
     Ms = to_stats(xp, M)
@@ -127,6 +139,11 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
     if inv is None and Ms.dtype != xp.float64:
         inv64 = attempt(xp.astype(Ms, xp.float64))
         inv = None if inv64 is None else xp.astype(inv64, Ms.dtype)
+        if inv is not None and not _finite(xp, inv):
+            raise DecompositionError(
+                f"damped_inverse: the inverse of {name} of shape {shape_str(M)} with damping "
+                f"{damping!r} exists in float64 but overflows {Ms.dtype}; increase the damping"
+            )
     if inv is None:
         raise DecompositionError(
             f"damped_inverse: could not invert {name} of shape {shape_str(M)} with damping {damping!r} "
@@ -150,7 +167,10 @@ def _eigh(xp: Any, M: Array, name: str) -> tuple[Array, Array]:
         out64 = attempt(xp.astype(M, xp.float64))
         out = None if out64 is None else (xp.astype(out64[0], M.dtype), xp.astype(out64[1], M.dtype))
     if out is None:
-        raise DecompositionError(f"eigh failed for {name} of shape {shape_str(M)} (also in float64)")
+        raise DecompositionError(
+            f"eigh failed for {name} of shape {shape_str(M)} (also in float64; check the "
+            "statistics for NaN/Inf)"
+        )
     w, q = out
     return xp.maximum(w, xp.zeros_like(w)), q
 
@@ -166,7 +186,8 @@ def _split_damping(xp: Any, A: Array, G: Array, damping: Any, mode: str) -> tupl
 
 
 def _check_apply_args(grad_mat, A, G, damping, mode, where):
-    xp = namespace(grad_mat=grad_mat, A=A, G=G, where=where)
+    xp = namespace(grad_mat=grad_mat, A=A, G=G, where=where, optional=())
+    check_floating(xp, grad_mat, "grad_mat", where)
     check_ndim(grad_mat, 2, "grad_mat", where)
     _check_factor(A, "A", where)
     _check_factor(G, "G", where)
@@ -206,7 +227,7 @@ def _exact_apply(xp, g, qa, wa, qg, wg, damping):
 
 def kfac_dense(A: Array, G: Array) -> Array:
     """``G ⊗ A``: the row-major-vec KFAC matrix (small sizes, verification only)."""
-    xp = namespace(A=A, G=G, where="kfac_dense")
+    xp = namespace(A=A, G=G, where="kfac_dense", optional=())
     _check_factor(A, "A", "kfac_dense")
     _check_factor(G, "G", "kfac_dense")
     return xpx.kron(G, A, xp=xp)
@@ -228,6 +249,11 @@ class KfacState(NamedTuple):
     g_evals: Array | None = None
 
 
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, KfacState):
+        raise TypeError(f"{where}: state must be a maccore.KfacState, got {type(state).__name__}")
+
+
 def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") -> Preconditioner:
     """The stateful exact-KFAC preconditioner of one layer.
 
@@ -240,10 +266,12 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
     if mode not in KFAC_MODES:
         raise ValueError(f"kfac: mode must be one of {KFAC_MODES}, got {mode!r}")
     check_damping(damping, "damping", "kfac", pair=mode == "tikhonov")
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"kfac: decay must be in [0, 1), got {decay!r}")
+    check_decay(decay, "decay", "kfac")
 
     def init(d_tilde: int, d_out: int, *, xp: Any, dtype: Any = None, device: Any = None) -> KfacState:
+        check_xp(xp, "kfac.init")
+        d_tilde = check_positive_int(d_tilde, "d_tilde", "kfac.init")
+        d_out = check_positive_int(d_out, "d_out", "kfac.init")
         dtype = xp.float32 if dtype is None or dtype != xp.float64 else xp.float64
         a = ema_init((d_tilde, d_tilde), xp=xp, dtype=dtype, device=device)
         g = ema_init((d_out, d_out), xp=xp, dtype=dtype, device=device)
@@ -256,6 +284,7 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
 
     def update(state: KfacState, rows: Array | None = None, grad_rows: Array | None = None, *,
                reduction_factor: float | None = None, A: Array | None = None, G: Array | None = None) -> KfacState:
+        _check_state(state, "kfac.update")
         if A is None:
             if rows is None:
                 raise ValueError("kfac.update: give 'rows' or 'A'")
@@ -265,6 +294,8 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
                 raise ValueError("kfac.update: give 'grad_rows' with 'reduction_factor', or 'G'")
             G = gradient_factor(grad_rows, reduction_factor=reduction_factor)
         for name, new, ema in (("A", A, state.a), ("G", G, state.g)):
+            xp = namespace(**{name: new}, running=ema.value, where="kfac.update", optional=())
+            check_floating(xp, new, name, "kfac.update")
             if tuple(new.shape) != tuple(ema.value.shape):
                 raise ValueError(
                     f"kfac.update: batch factor {name} of shape {shape_str(new)} does not match the "
@@ -273,6 +304,7 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
         return state._replace(a=ema_update(state.a, A, decay=decay), g=ema_update(state.g, G, decay=decay))
 
     def refresh(state: KfacState) -> KfacState:
+        _check_state(state, "kfac.refresh")
         xp = namespace(a=state.a.value, where="kfac.refresh")
         A = ema_debiased(state.a, decay=decay)
         G = ema_debiased(state.g, decay=decay)
@@ -284,7 +316,9 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
         return state._replace(a_inv=damped_inverse(A, la, name="A"), g_inv=damped_inverse(G, lg, name="G"))
 
     def apply(state: KfacState, grad_mat: Array) -> Array:
-        xp = namespace(grad_mat=grad_mat, a_inv=state.a_inv, where="kfac.apply")
+        _check_state(state, "kfac.apply")
+        xp = namespace(grad_mat=grad_mat, a_inv=state.a_inv, where="kfac.apply", optional=())
+        check_floating(xp, grad_mat, "grad_mat", "kfac.apply")
         check_ndim(grad_mat, 2, "grad_mat", "kfac.apply")
         if tuple(grad_mat.shape) != (state.g_inv.shape[0], state.a_inv.shape[0]):
             raise ValueError(

@@ -22,7 +22,12 @@ from maccore._typing import Preconditioner
 from maccore._xp import (
     Array,
     check_damping,
+    check_decay,
+    check_flag,
+    check_floating,
     check_ndim,
+    check_positive_int,
+    check_xp,
     device_of,
     namespace,
     shape_str,
@@ -48,7 +53,8 @@ MAC_SCALES = ("reference", "inverse")
 
 def mean_activation(rows: Array) -> Array:
     """ā = mean of the input rows ``[R, d̃]`` → ``[d̃]`` in the statistics dtype (≥ float32)."""
-    xp = namespace(rows=rows, where="mean_activation")
+    xp = namespace(rows=rows, where="mean_activation", optional=())
+    check_floating(xp, rows, "rows", "mean_activation", integer_ok=True)
     check_ndim(rows, 2, "rows", "mean_activation")
     if rows.shape[0] == 0:
         raise ValueError("mean_activation: 'rows' has no rows (shape [0, ...])")
@@ -61,7 +67,8 @@ def gradient_diagonal(grad_rows: Array, *, reduction_factor: float | None = None
     ``reduction_factor=None``: ``E_rows[g ⊙ g]`` (the published SMAC statistic); otherwise the
     canonical ``diag(G) = (1/R) Σ_rows g ⊙ g`` (MATH.md §3.7 remark (i)).
     """
-    xp = namespace(grad_rows=grad_rows, where="gradient_diagonal")
+    xp = namespace(grad_rows=grad_rows, where="gradient_diagonal", optional=())
+    check_floating(xp, grad_rows, "grad_rows", "gradient_diagonal", integer_ok=True)
     check_ndim(grad_rows, 2, "grad_rows", "gradient_diagonal")
     g = to_stats(xp, grad_rows)
     if reduction_factor is None:
@@ -80,14 +87,30 @@ def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | N
             floating additive bias (e.g. relative-position bias or −inf for masked keys).
             Fully masked query rows get all-zero probabilities.
     """
-    xp = namespace(q=q, k=k, mask=mask, where="attention_probs")
-    check_ndim(q, 4, "q", "attention_probs")
-    check_ndim(k, 4, "k", "attention_probs")
+    where = "attention_probs"
+    xp = namespace(q=q, k=k, mask=mask, where=where, optional=("mask",))
+    check_floating(xp, q, "q", where, integer_ok=True)
+    check_floating(xp, k, "k", where, integer_ok=True)
+    check_flag(causal, "causal", where)
+    check_ndim(q, 4, "q", where)
+    check_ndim(k, 4, "k", where)
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"attention_probs: 'q' {shape_str(q)} and 'k' {shape_str(k)} must agree in batch, heads "
             "and head dim"
         )
+    if q.shape[3] == 0:
+        raise ValueError(f"{where}: 'q' {shape_str(q)} has head dimension 0")
+    if mask is not None:
+        if mask.dtype != xp.bool:
+            check_floating(xp, mask, "mask", where)
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        ms = tuple(mask.shape)
+        if len(ms) > 4 or any(m not in (1, t) for m, t in zip(ms[::-1], target[::-1])):
+            raise ValueError(
+                f"{where}: 'mask' of shape {shape_str(mask)} does not broadcast to the scores "
+                f"{list(target)} ([B, H, N, M])"
+            )
     sdt = stats_dtype(xp, q.dtype)
     qs, ks = to_stats(xp, q, sdt), to_stats(xp, k, sdt)
     scores = (qs @ xp.matrix_transpose(ks)) / math.sqrt(q.shape[3])
@@ -114,7 +137,7 @@ def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | N
 
 def split_qkv(out: Array, num_heads: int) -> tuple[Array, Array, Array]:
     """Split a fused qkv output ``[B, N, 3D]`` with layout (3, H, d_h) into q, k, v ``[B, H, N, d_h]``."""
-    xp = namespace(out=out, where="split_qkv")
+    xp = namespace(out=out, where="split_qkv", optional=())
     check_ndim(out, 3, "out", "split_qkv")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"split_qkv: num_heads must be a positive integer, got {num_heads!r}")
@@ -140,7 +163,10 @@ def attention_weighted_mean(x: Array, attn: Array, *, bias: bool, mode: str = "r
             the batch mean (the published code) → ``[d̃]``; ``"per_head"`` — the exact per-head
             mean (1/(B N)) Σ_{b,i} Σ_j α_{b,h,i,j} x̃_{b,j} → ``[H, d̃]``.
     """
-    xp = namespace(x=x, attn=attn, where="attention_weighted_mean")
+    xp = namespace(x=x, attn=attn, where="attention_weighted_mean", optional=())
+    check_floating(xp, x, "x", "attention_weighted_mean", integer_ok=True)
+    check_floating(xp, attn, "attn", "attention_weighted_mean")
+    check_flag(bias, "bias", "attention_weighted_mean")
     check_ndim(x, 3, "x", "attention_weighted_mean")
     check_ndim(attn, 4, "attn", "attention_weighted_mean")
     b, n, _ = x.shape
@@ -193,7 +219,13 @@ def mac_apply(
         ``[d_out, d̃]`` with the dtype of ``grad_mat`` (computed in ≥ float32). No d̃×d̃ matrix is formed.
     """
     where = "mac_apply"
-    xp = namespace(grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, where=where)
+    xp = namespace(
+        grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, where=where, optional=("grad_diag",)
+    )
+    check_floating(xp, grad_mat, "grad_mat", where)
+    check_floating(xp, mean, "mean", where)
+    if grad_diag is not None:
+        check_floating(xp, grad_diag, "grad_diag", where)
     check_ndim(grad_mat, 2, "grad_mat", where)
     check_ndim(mean, (1, 2), "mean", where)
     check_damping(damping, "damping", where, pair=False)
@@ -205,7 +237,7 @@ def mac_apply(
             f"{where}: 'mean' of shape {shape_str(mean)} does not match 'grad_mat' of shape "
             f"{shape_str(grad_mat)} (last dims must agree: d̃ = {d_t})"
         )
-    if mean.ndim == 2 and d_out % mean.shape[0]:
+    if mean.ndim == 2 and (mean.shape[0] == 0 or d_out % mean.shape[0]):
         raise ValueError(
             f"{where}: {mean.shape[0]} head factors in 'mean' {shape_str(mean)} do not divide the "
             f"{d_out} rows of 'grad_mat' {shape_str(grad_mat)}"
@@ -275,13 +307,21 @@ def mac(
     scale, 1 for the inverse scale; D = I or diag(ẑ + λ)).
     """
     check_damping(damping, "damping", "mac", pair=False)
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"mac: decay must be in [0, 1), got {decay!r}")
+    check_decay(decay, "decay", "mac")
     if scale not in MAC_SCALES:
         raise ValueError(f"mac: scale must be one of {MAC_SCALES}, got {scale!r}")
+    check_flag(diagonal, "diagonal", "mac")
+    if diag_reduction_factor is not None:
+        check_damping(diag_reduction_factor, "diag_reduction_factor", "mac", pair=False)
 
     def init(d_tilde: int, d_out: int | None = None, *, xp: Any, heads: int | None = None,
              dtype: Any = None, device: Any = None) -> MacState:
+        check_xp(xp, "mac.init")
+        d_tilde = check_positive_int(d_tilde, "d_tilde", "mac.init")
+        if d_out is not None:
+            d_out = check_positive_int(d_out, "d_out", "mac.init")
+        if heads is not None:
+            heads = check_positive_int(heads, "heads", "mac.init")
         dtype = xp.float32 if dtype is None else stats_dtype(xp, dtype)
         shape = (d_tilde,) if heads is None else (heads, d_tilde)
         mean = ema_init(shape, xp=xp, dtype=dtype, device=device)
@@ -295,8 +335,12 @@ def mac(
 
     def update(state: MacState, rows: Array | None = None, grad_rows: Array | None = None, *,
                mean: Array | None = None, grad_diag: Array | None = None) -> MacState:
+        _check_state(state, "mac.update")
         if (rows is None) == (mean is None):
             raise ValueError("mac.update: give exactly one of 'rows' or 'mean'")
+        if mean is not None:
+            xp = namespace(mean=mean, running=state.mean.value, where="mac.update", optional=())
+            check_floating(xp, mean, "mean", "mac.update")
         batch = mean_activation(rows) if mean is None else mean
         if tuple(batch.shape) != tuple(state.mean.value.shape):
             raise ValueError(
@@ -305,6 +349,11 @@ def mac(
             )
         new = state._replace(mean=ema_update(state.mean, batch, decay=decay))
         if diagonal:
+            if state.diag is None:
+                raise ValueError(
+                    "mac(diagonal=True).update: the state has no gradient diagonal; create it with "
+                    "the init of the same mac(diagonal=True)"
+                )
             if grad_diag is None:
                 if grad_rows is None:
                     raise ValueError("mac(diagonal=True).update needs 'grad_rows' or 'grad_diag'")
@@ -313,18 +362,25 @@ def mac(
         return new
 
     def refresh(state: MacState) -> MacState:
+        _check_state(state, "mac.refresh")
         new = state._replace(mean_hat=ema_debiased(state.mean, decay=decay))
         if diagonal:
             new = new._replace(diag_hat=ema_debiased(state.diag, decay=decay))
         return new
 
     def apply(state: MacState, grad_mat: Array) -> Array:
+        _check_state(state, "mac.apply")
         return mac_apply(grad_mat, state.mean_hat, damping, grad_diag=state.diag_hat, scale=scale)
 
     def to_dense(state: MacState, d_out: int) -> Array:
         return _mac_dense(state, d_out, damping, scale)
 
     return Preconditioner(init, update, refresh, apply, to_dense)
+
+
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, MacState):
+        raise TypeError(f"{where}: state must be a maccore.MacState, got {type(state).__name__}")
 
 
 def _mac_dense(state: MacState, d_out: int, damping: float, scale: str) -> Array:

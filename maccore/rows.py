@@ -17,12 +17,23 @@ output gradients SUMMED over them (T17).
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
 
-from maccore._xp import Array, check_dim, check_ndim, device_of, namespace, shape_str, stats_dtype
+from maccore._xp import (
+    Array,
+    check_dim,
+    check_flag,
+    check_floating,
+    check_ndim,
+    device_of,
+    namespace,
+    shape_str,
+    stats_dtype,
+)
 
 __all__ = [
     "KFACType",
@@ -65,7 +76,9 @@ Padding = Any  # int | (ph, pw) | ((top, bottom), (left, right)) | "valid" | "sa
 def _pair(v: Any, name: str) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in v
+    ):
         return (int(v[0]), int(v[1]))
     raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
 
@@ -114,6 +127,17 @@ def conv2d_output_size(
     kh, kw = _pair(kernel_size, "kernel_size")
     sh, sw = _pair(stride, "stride")
     dh, dw = _pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1:
+        raise ValueError(
+            f"conv2d_output_size: kernel_size {(kh, kw)}, stride {(sh, sw)} and dilation "
+            f"{(dh, dw)} must be >= 1"
+        )
+    if not (
+        isinstance(hw, (tuple, list))
+        and len(hw) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in hw)
+    ):
+        raise ValueError(f"conv2d_output_size: hw must be a pair of non-negative ints, got {hw!r}")
     (pt, pb), (pl, pr) = normalize_padding(padding, (kh, kw), (sh, sw), (dh, dw))
     oh = (hw[0] + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (hw[1] + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -138,8 +162,8 @@ class ConvSpec:
         object.__setattr__(
             self, "padding", normalize_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         )
-        if self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"ConvSpec: groups must be >= 1, got {self.groups!r}")
 
 
 @dataclass(frozen=True)
@@ -151,8 +175,9 @@ class QkvSpec:
     causal: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        n = self.num_heads
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"QkvSpec: num_heads must be >= 1, got {n!r}")
         if self.mode not in ("reference", "per_head", "off"):
             raise ValueError(f"QkvSpec.mode must be 'reference', 'per_head' or 'off', got {self.mode!r}")
 
@@ -195,13 +220,19 @@ def linear_rows(x: Array, *, bias: bool, reduce: bool = False) -> Array:
     Returns:
         ``[R, d̃]`` with R = prod(leading dims) (expand) or N (reduce), same dtype as ``x``.
     """
-    xp = namespace(x=x, where="linear_rows")
+    xp = namespace(x=x, where="linear_rows", optional=())
+    check_floating(xp, x, "x", "linear_rows", integer_ok=True)
+    check_flag(bias, "bias", "linear_rows"), check_flag(reduce, "reduce", "linear_rows")
     if x.ndim < 1:
         raise ValueError(f"linear_rows: argument 'x' must have at least 1 dimension, got shape {shape_str(x)}")
     d_in = x.shape[-1]
+    if d_in == 0:
+        raise ValueError(f"linear_rows: argument 'x' of shape {shape_str(x)} has no features")
     if x.ndim == 1:
         x = xp.reshape(x, (1, d_in))
     if reduce and x.ndim > 2:
+        if any(s == 0 for s in x.shape):
+            raise ValueError(f"linear_rows: argument 'x' of shape {shape_str(x)} is empty (reduce=True)")
         n = x.shape[0]
         x = xp.mean(xp.reshape(x, (n, -1, d_in)), axis=1)
     rows = xp.reshape(x, (-1, d_in))
@@ -213,19 +244,27 @@ def grad_rows(g: Array, *, reduce: bool = False) -> Array:
 
     ``reduce=True`` SUMS each sample's gradients over the shared axes (``g`` is ``[N, S..., d_out]``).
     """
-    xp = namespace(g=g, where="grad_rows")
+    xp = namespace(g=g, where="grad_rows", optional=())
+    check_floating(xp, g, "g", "grad_rows", integer_ok=True)
+    check_flag(reduce, "reduce", "grad_rows")
     if g.ndim < 1:
         raise ValueError(f"grad_rows: argument 'g' must have at least 1 dimension, got shape {shape_str(g)}")
     d_out = g.shape[-1]
+    if d_out == 0:
+        raise ValueError(f"grad_rows: argument 'g' of shape {shape_str(g)} has no output features")
     if g.ndim == 1:
         g = xp.reshape(g, (1, d_out))
     if reduce and g.ndim > 2:
+        if any(s == 0 for s in g.shape):
+            raise ValueError(f"grad_rows: argument 'g' of shape {shape_str(g)} is empty (reduce=True)")
         g = xp.sum(xp.reshape(g, (g.shape[0], -1, d_out)), axis=1)
     return xp.reshape(g, (-1, d_out))
 
 
-def _check_conv_input(x: Array, where: str) -> None:
-    check_ndim(x, 4, "x", where)
+def _check_conv_input(x: Array, where: str, name: str = "x") -> None:
+    check_ndim(x, 4, name, where)
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{where}: argument {name!r} of shape {shape_str(x)} has an empty C, H or W axis")
 
 
 def _pad(xp: Any, x: Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> Array:
@@ -285,8 +324,11 @@ def conv2d_rows(
         ``[N, ·]`` (reduce).
     """
     where = "conv2d_rows"
-    xp = namespace(x=x, where=where)
+    xp = namespace(x=x, where=where, optional=())
+    check_floating(xp, x, "x", where, integer_ok=True)
+    check_flag(bias, "bias", where)
     k, s, pads, d, o = _conv_geometry(x, kernel_size, stride, padding, dilation, where)
+    check_flag(reduce, "reduce", where)
     n, c = x.shape[0], x.shape[1]
     if groups != 1 and groups != c:
         raise ValueError(
@@ -330,7 +372,9 @@ def conv2d_mean_patch(
     (float32, or float64 for float64 input).
     """
     where = "conv2d_mean_patch"
-    xp = namespace(x=x, where=where)
+    xp = namespace(x=x, where=where, optional=())
+    check_floating(xp, x, "x", where, integer_ok=True)
+    check_flag(bias, "bias", where)
     k, s, pads, d, o = _conv_geometry(x, kernel_size, stride, padding, dilation, where)
     n, c = x.shape[0], x.shape[1]
     if groups != 1 and groups != c:
@@ -356,8 +400,10 @@ def conv2d_grad_rows(g: Array, *, reduce: bool = False) -> Array:
 
     ``reduce=True`` sums over the output locations → ``[N, C_out]``.
     """
-    xp = namespace(g=g, where="conv2d_grad_rows")
-    check_ndim(g, 4, "g", "conv2d_grad_rows")
+    xp = namespace(g=g, where="conv2d_grad_rows", optional=())
+    check_floating(xp, g, "g", "conv2d_grad_rows", integer_ok=True)
+    check_flag(reduce, "reduce", "conv2d_grad_rows")
+    _check_conv_input(g, "conv2d_grad_rows", "g")
     n, c = g.shape[0], g.shape[1]
     if reduce:
         return xp.sum(xp.reshape(g, (n, c, -1)), axis=2)
@@ -366,12 +412,17 @@ def conv2d_grad_rows(g: Array, *, reduce: bool = False) -> Array:
 
 def grad_matrix(grad_weight: Array, grad_bias: Array | None = None) -> Array:
     """``[d_out, d̃]`` gradient matrix ``[∇W.reshape(d_out, -1) | ∇b]`` (bias last)."""
-    xp = namespace(grad_weight=grad_weight, grad_bias=grad_bias, where="grad_matrix")
+    xp = namespace(
+        grad_weight=grad_weight, grad_bias=grad_bias, where="grad_matrix", optional=("grad_bias",)
+    )
+    check_floating(xp, grad_weight, "grad_weight", "grad_matrix")
     if grad_weight.ndim < 2:
         raise ValueError(
             f"grad_matrix: argument 'grad_weight' must have at least 2 dimensions, got shape "
             f"{shape_str(grad_weight)}"
         )
+    if any(s == 0 for s in grad_weight.shape):
+        raise ValueError(f"grad_matrix: argument 'grad_weight' of shape {shape_str(grad_weight)} is empty")
     d_out = grad_weight.shape[0]
     mat = xp.reshape(grad_weight, (d_out, -1))
     if grad_bias is None:
@@ -382,14 +433,28 @@ def grad_matrix(grad_weight: Array, grad_bias: Array | None = None) -> Array:
             f"'grad_weight' of shape {shape_str(grad_weight)} (expected [{d_out}])"
         )
     if grad_bias.dtype != mat.dtype:
-        raise TypeError(f"grad_matrix: dtypes differ ({mat.dtype} vs {grad_bias.dtype})")
+        raise TypeError(
+            f"grad_matrix: dtypes of 'grad_weight' ({mat.dtype}) and 'grad_bias' "
+            f"({grad_bias.dtype}) differ"
+        )
     return xp.concat([mat, xp.reshape(grad_bias, (d_out, 1))], axis=1)
 
 
 def split_grad_matrix(mat: Array, weight_shape: tuple[int, ...], *, bias: bool) -> tuple[Array, Array | None]:
     """Inverse of :func:`grad_matrix`: ``(grad_weight [weight_shape], grad_bias [d_out] or None)``."""
-    xp = namespace(mat=mat, where="split_grad_matrix")
+    xp = namespace(mat=mat, where="split_grad_matrix", optional=())
     check_ndim(mat, 2, "mat", "split_grad_matrix")
+    check_flag(bias, "bias", "split_grad_matrix")
+    if not (
+        isinstance(weight_shape, (tuple, list))
+        and len(weight_shape) >= 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+                for s in weight_shape)
+    ):
+        raise ValueError(
+            "split_grad_matrix: weight_shape must be a tuple of at least 2 positive ints, got "
+            f"{weight_shape!r}"
+        )
     weight_shape = tuple(int(s) for s in weight_shape)
     d_out = weight_shape[0]
     d_w = 1
@@ -406,8 +471,17 @@ def split_grad_matrix(mat: Array, weight_shape: tuple[int, ...], *, bias: bool) 
     return w, b
 
 
+def _check_spec(spec: Any, where: str) -> None:
+    if not isinstance(spec, LayerSpec):
+        raise TypeError(f"{where}: spec must be a maccore.LayerSpec, got {type(spec).__name__}")
+    if spec.kind is LayerKind.CONV2D and not isinstance(spec.conv, ConvSpec):
+        raise ValueError(f"{where}: conv2d layer {spec.name!r} has no ConvSpec (spec.conv is None)")
+
+
 def to_rows(spec: LayerSpec, x: Array, *, reduce: bool = False) -> Array:
     """Input rows of the layer described by ``spec`` (dispatch on its kind)."""
+    _check_spec(spec, "to_rows")
+    namespace(x=x, where=f"to_rows ({spec.name or spec.kind.value})", optional=())
     if spec.kind is LayerKind.LINEAR:
         check_dim(x.shape[-1] if x.ndim else -1, spec.d_in, "input feature size", spec.name or "linear layer",
                   f"input shape {shape_str(x)}")
@@ -424,6 +498,8 @@ def to_rows(spec: LayerSpec, x: Array, *, reduce: bool = False) -> Array:
 
 def to_grad_rows(spec: LayerSpec, g: Array, *, reduce: bool = False) -> Array:
     """Output-gradient rows of the layer described by ``spec``."""
+    _check_spec(spec, "to_grad_rows")
+    namespace(g=g, where=f"to_grad_rows ({spec.name or spec.kind.value})", optional=())
     if spec.kind is LayerKind.LINEAR:
         return grad_rows(g, reduce=reduce)
     if spec.kind is LayerKind.CONV2D:

@@ -10,12 +10,16 @@
   lazily), each with ``apply`` (output and layer inputs from one forward), ``output_zeros`` (the
   perturbations whose gradients are the layer output gradients, for KFAC) and ``layer_specs``.
 - New methods plug into :func:`scale_by_curvature` as a :class:`Method`.
+- Reliability: ``on_nonfinite="skip"`` (default) / :func:`skip_nonfinite` skip a step with NaN/Inf
+  exactly (zero updates, state unchanged); :func:`save_portable` / :func:`load_portable` write and
+  read framework-neutral checkpoints (:mod:`maccore.checkpoint`) that ``maccore_torch`` reads too.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from maccore_jax.portable import load_portable, save_portable
 from maccore_jax.specs import QKV, Conv, Dense, Layer
 from maccore_jax.transform import (
     AttentionMacState,
@@ -30,6 +34,7 @@ from maccore_jax.transform import (
     scale_by_curvature,
     scale_by_kfac,
     scale_by_mac,
+    skip_nonfinite,
 )
 
 __all__ = [
@@ -45,13 +50,16 @@ __all__ = [
     "kfac",
     "kfac_method",
     "linen",
+    "load_portable",
     "mac",
     "mac_method",
     "momentum",
     "nnx",
+    "save_portable",
     "scale_by_curvature",
     "scale_by_kfac",
     "scale_by_mac",
+    "skip_nonfinite",
 ]
 
 _LAZY = ("linen", "nnx", "equinox")

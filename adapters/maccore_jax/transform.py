@@ -9,10 +9,17 @@ curvature method (MAC, KFAC; a third plugs in the same way).
 3. every layer's gradient is preconditioned (``Method.apply``); other leaves pass through.
 
 Both schedule branches are ``lax.cond`` on the traced count, so the update jits as a whole.
+
+Non-finite steps (``on_nonfinite``, :func:`skip_nonfinite`): a step whose gradients, statistics,
+refreshed caches or updates hold NaN/Inf returns zero updates and the state exactly as it was
+(counters included), with ``jnp.where`` so it works under ``jit``; ``"raise"`` raises
+``FloatingPointError`` (eagerly; under ``jit`` from a host callback, surfacing as a
+``JaxRuntimeError`` that carries the message). See ``docs/numerics.md``.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import array_api_compat
@@ -37,7 +44,10 @@ __all__ = [
     "mac",
     "kfac",
     "momentum",
+    "skip_nonfinite",
 ]
+
+_NONFINITE = (None, "skip", "raise")
 
 
 def _xp() -> Any:
@@ -81,10 +91,20 @@ def scale_by_curvature(
     attention: Mapping | None = None,
     layout: str = "flax",
     axis_name: str | None = None,
+    on_nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
-    """Precondition the gradients of every discovered layer with ``method`` (see module docstring)."""
-    maccore.is_due(0, t_cov), maccore.is_due(0, t_inv)  # validates the periods
+    """Precondition the gradients of every discovered layer with ``method`` (see module docstring).
+
+    ``on_nonfinite``: ``"skip"`` (zero updates, curvature state unchanged), ``"raise"`` or ``None``
+    (no check); see :func:`skip_nonfinite`.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"scale_by_curvature: method must be a maccore_jax.Method, got {method!r}")
     where = f"scale_by_{method.name}"
+    for nm, v in (("t_cov", t_cov), ("t_inv", t_inv)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}: {nm} must be a positive integer, got {v!r}")
+    _check_on_nonfinite(on_nonfinite, where)
 
     excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None}
 
@@ -100,6 +120,8 @@ def scale_by_curvature(
         return CurvatureState(jnp.zeros((), jnp.int32), states)
 
     def update_fn(updates, state, params=None, *, activations=None, output_grads=None, **extra):
+        if params is not None:
+            _check_like(updates, params, where)
         found, leaves, treedef = find(updates)
         if set(found) != set(state.layers):
             raise ValueError(
@@ -129,14 +151,19 @@ def scale_by_curvature(
                 if pleaves is not None and method.needs_params(layer):
                     w = pleaves[layer.weight_index]
                     b = None if layer.bias_index is None else pleaves[layer.bias_index]
-                stats = method.statistics(layer, acts[n], gouts.get(n), w, b, extra)
-                if axis_name is not None:
-                    stats = jax.tree.map(lambda s: lax.pmean(s, axis_name), stats)
-                new[n] = method.update(layer, ls[n], stats)
+                with _layer_errors(where, n):
+                    stats = method.statistics(layer, acts[n], gouts.get(n), w, b, extra)
+                    if axis_name is not None:
+                        stats = jax.tree.map(lambda s: lax.pmean(s, axis_name), stats)
+                    new[n] = method.update(layer, ls[n], stats)
             return new
 
         def refresh(ls):
-            return {n: method.refresh(layer, ls[n]) for n, layer in found.items()}
+            new = {}
+            for n, layer in found.items():
+                with _layer_errors(where, n):
+                    new[n] = method.refresh(layer, ls[n])
+            return new
 
         ls = dict(state.layers)
         ls = lax.cond(maccore.is_due(state.count, t_cov), collect, lambda s: s, ls)
@@ -144,7 +171,8 @@ def scale_by_curvature(
         out = list(leaves)
         for n, layer in found.items():
             gb = None if layer.bias_index is None else leaves[layer.bias_index]
-            mat = method.apply(layer, ls[n], layer.grad_mat(leaves[layer.weight_index], gb))
+            with _layer_errors(where, n):
+                mat = method.apply(layer, ls[n], layer.grad_mat(leaves[layer.weight_index], gb))
             w, b = layer.split(mat)
             out[layer.weight_index] = w
             if b is not None:
@@ -153,7 +181,122 @@ def scale_by_curvature(
             optax.safe_int32_increment(state.count), ls
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_nonfinite(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn), on_nonfinite=on_nonfinite
+    )
+
+
+def _check_like(updates: Any, params: Any, where: str) -> None:
+    """The gradients must have the tree structure and leaf shapes of the parameters."""
+    flat_u, tu = jax.tree_util.tree_flatten_with_path(updates)
+    flat_p, tp = jax.tree_util.tree_flatten_with_path(params)
+    if tu != tp:
+        names_u = sorted(jax.tree_util.keystr(k) for k, _ in flat_u)
+        names_p = sorted(jax.tree_util.keystr(k) for k, _ in flat_p)
+        raise ValueError(
+            f"{where}: the gradient tree does not have the structure of params (leaves only in "
+            f"the gradients: {sorted(set(names_u) - set(names_p))}; only in params: "
+            f"{sorted(set(names_p) - set(names_u))})"
+        )
+    for (path, u), (_, p) in zip(flat_u, flat_p):
+        su, sp = getattr(u, "shape", None), getattr(p, "shape", None)
+        if su != sp:
+            raise ValueError(
+                f"{where}: gradient {jax.tree_util.keystr(path)} has shape "
+                f"{None if su is None else list(su)}, the parameter {None if sp is None else list(sp)}"
+            )
+
+
+class _layer_errors:
+    """Re-raise core errors (``DecompositionError``, ``ValueError``, ``TypeError``) naming the layer."""
+
+    def __init__(self, where: str, name: str):
+        self.prefix = f"{where}: layer {name!r}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or not isinstance(exc, (maccore.DecompositionError, ValueError, TypeError)):
+            return False
+        if self.prefix in str(exc):
+            return False
+        try:
+            renamed = typ(f"{self.prefix}: {exc}")
+        except Exception:  # an exception type with a custom constructor: keep it as it is
+            return False
+        raise renamed from exc
+
+
+def _check_on_nonfinite(on_nonfinite: Any, where: str) -> None:
+    if on_nonfinite not in _NONFINITE:
+        raise ValueError(f"{where}: on_nonfinite must be one of {_NONFINITE}, got {on_nonfinite!r}")
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not flags:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack(flags))
+
+
+_NONFINITE_MSG = (
+    "maccore_jax: non-finite gradients, statistics or updates; the step was skipped and the "
+    "optimizer state left unchanged"
+)
+
+
+def _raise_if_bad(ok: Any) -> None:
+    if not bool(ok):
+        raise FloatingPointError(_NONFINITE_MSG)
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, *, on_nonfinite: str | None = "skip"
+) -> optax.GradientTransformationExtraArgs:
+    """Make ``inner`` skip non-finite steps exactly: when the incoming gradients, the updates or
+    the new state (running averages, caches, momenta) hold a NaN or Inf, the step returns zero
+    updates and the OLD state, counters included — so a skipped step is as if the batch had not
+    been seen. The state has the structure of ``inner``'s (checkpoints stay interchangeable).
+
+    Args:
+        inner: any optax transformation (extra ``update`` keyword arguments are passed through).
+        on_nonfinite: ``"skip"``; ``"raise"`` — ``FloatingPointError`` when called eagerly; under
+            ``jax.jit`` the error is raised by a host callback and surfaces as a
+            ``jax.errors.JaxRuntimeError`` carrying the message; ``None`` returns ``inner`` as is.
+
+    Unlike ``optax.apply_if_finite`` it keeps no counter of its own and never lets a non-finite
+    step through. :func:`mac` and :func:`kfac` wrap their whole chain with it; ``scale_by_*``
+    wrap only the preconditioner (the rest of your chain then sees zero updates).
+    """
+    _check_on_nonfinite(on_nonfinite, "skip_nonfinite")
+    inner = optax.with_extra_args_support(inner)
+    if on_nonfinite is None:
+        return inner
+
+    def update_fn(updates, state, params=None, **extra):
+        new_updates, new_state = inner.update(updates, state, params, **extra)
+        ok = _all_finite((updates, new_updates, new_state))
+        if on_nonfinite == "raise":
+            try:
+                concrete = bool(ok)
+            except jax.errors.ConcretizationTypeError:
+                jax.debug.callback(_raise_if_bad, ok)
+            else:
+                if not concrete:
+                    raise FloatingPointError(_NONFINITE_MSG)
+
+        def pick(new, old):
+            return jnp.where(ok, new, old) if hasattr(new, "dtype") else new
+
+        out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+        return out, jax.tree.map(pick, new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def _match(
@@ -304,6 +447,7 @@ def scale_by_mac(
     layers: Mapping | None = None,
     layout: str = "flax",
     axis_name: str | None = None,
+    on_nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """The MAC preconditioner alone; chain it with any optax optimizer.
 
@@ -318,6 +462,9 @@ def scale_by_mac(
             the gradients are averaged by the caller, as usual with optax (``lax.pmean``). With
             equal shards this reproduces the single-device statistics of the full batch (KFAC:
             pass the per-device reduction factor, e.g. 1/N_local).
+        on_nonfinite: ``"skip"`` (default): a step with NaN/Inf gradients, statistics or updates
+            returns zero updates and leaves the curvature state unchanged; ``"raise"``; ``None``
+            (no check). Wrap your whole chain in :func:`skip_nonfinite` to keep its momenta too.
     """
     return scale_by_curvature(
         mac_method(stat_decay=stat_decay, damping=damping, scale=scale),
@@ -327,6 +474,7 @@ def scale_by_mac(
         attention=attention,
         layout=layout,
         axis_name=axis_name,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -342,6 +490,7 @@ def scale_by_kfac(
     layers: Mapping | None = None,
     layout: str = "flax",
     axis_name: str | None = None,
+    on_nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """The exact-KFAC preconditioner alone. ``update`` needs ``activations=`` and ``output_grads=``.
 
@@ -360,7 +509,13 @@ def scale_by_kfac(
         reduction_factor=reduction_factor,
     )
     return scale_by_curvature(
-        method, t_cov=t_cov, t_inv=t_inv, layers=layers, layout=layout, axis_name=axis_name
+        method,
+        t_cov=t_cov,
+        t_inv=t_inv,
+        layers=layers,
+        layout=layout,
+        axis_name=axis_name,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -389,12 +544,27 @@ def momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.GradientTra
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _optimizer(pre, learning_rate, mom, nesterov, weight_decay, weight_decay_mask):
+def _check_number(v: Any, name: str, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {type(v).__name__} {v!r}")
+    if not (v >= 0 and v < float("inf")):
+        raise ValueError(f"{where}: {name} must be >= 0 and finite, got {v!r}")
+
+
+def _optimizer(
+    pre, learning_rate, mom, nesterov, weight_decay, weight_decay_mask, on_nonfinite, where
+):
+    _check_number(mom, "momentum", where)
+    _check_number(weight_decay, "weight_decay", where)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"{where}: nesterov must be True or False, got {nesterov!r}")
+    if not callable(learning_rate) and not hasattr(learning_rate, "dtype"):
+        _check_number(learning_rate, "learning_rate", where)
     parts = [pre, momentum(mom, nesterov=nesterov)]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return skip_nonfinite(optax.chain(*parts), on_nonfinite=on_nonfinite)
 
 
 def mac(
@@ -413,9 +583,15 @@ def mac(
     layout: str = "flax",
     axis_name: str | None = None,
     weight_decay_mask: Any = None,
+    on_nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     """MAC with heavy-ball momentum and decoupled weight decay: b ← μb + ĝ, p ← (1 − η wd) p − η b
-    (= ``maccore_torch.MAC(weight_decay_mode="decoupled")``). ``learning_rate`` may be a schedule."""
+    (= ``maccore_torch.MAC(weight_decay_mode="decoupled")``). ``learning_rate`` may be a schedule.
+
+    ``on_nonfinite="skip"`` (default) skips a step with NaN/Inf gradients, statistics or updates
+    exactly: zero updates, every state (running averages, momenta, counters, schedule count)
+    unchanged, as ``maccore_torch.MAC`` does; ``"raise"``; ``None`` (no check)."""
+    _check_on_nonfinite(on_nonfinite, "mac")
     pre = scale_by_mac(
         stat_decay=stat_decay,
         damping=damping,
@@ -426,8 +602,11 @@ def mac(
         layers=layers,
         layout=layout,
         axis_name=axis_name,
+        on_nonfinite=None,
     )
-    return _optimizer(pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask)
+    return _optimizer(
+        pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask, on_nonfinite, "mac"
+    )
 
 
 def kfac(
@@ -447,8 +626,11 @@ def kfac(
     layout: str = "flax",
     axis_name: str | None = None,
     weight_decay_mask: Any = None,
+    on_nonfinite: str | None = "skip",
 ) -> optax.GradientTransformationExtraArgs:
-    """Exact KFAC with the same momentum / decoupled weight decay as :func:`mac`."""
+    """Exact KFAC with the same momentum / decoupled weight decay (and ``on_nonfinite``) as
+    :func:`mac`."""
+    _check_on_nonfinite(on_nonfinite, "kfac")
     pre = scale_by_kfac(
         reduction_factor=reduction_factor,
         stat_decay=stat_decay,
@@ -460,5 +642,8 @@ def kfac(
         layers=layers,
         layout=layout,
         axis_name=axis_name,
+        on_nonfinite=None,
     )
-    return _optimizer(pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask)
+    return _optimizer(
+        pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask, on_nonfinite, "kfac"
+    )

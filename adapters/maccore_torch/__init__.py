@@ -8,6 +8,8 @@
 The adapter only discovers layers, captures rows with hooks, calls the core ``update`` /
 ``refresh`` / ``apply`` and writes ``.grad``; every formula lives in ``maccore``.
 ``opt.report()`` prints which parameter got which preconditioner.
+:func:`save_portable` / :func:`load_portable` write and read framework-neutral checkpoints
+(:mod:`maccore.checkpoint`) that ``maccore_jax`` reads too.
 """
 
 from maccore import QkvSpec
@@ -15,6 +17,7 @@ from maccore import QkvSpec
 from maccore_torch._base import CurvatureOptimizer, HookedPreconditioner
 from maccore_torch.kfac import KFAC, KFACPreconditioner
 from maccore_torch.mac import MAC, MACPreconditioner
+from maccore_torch.portable import load_portable, save_portable
 from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec
 
 QKV = QkvSpec
@@ -31,4 +34,6 @@ __all__ = [
     "UnsupportedLayerError",
     "discover_layers",
     "layer_spec",
+    "load_portable",
+    "save_portable",
 ]

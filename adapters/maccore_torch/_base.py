@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -138,6 +140,22 @@ def _from_tree(template: Any, saved: Any, where: str) -> Any:
     return saved
 
 
+@contextlib.contextmanager
+def _layer_errors(method: str, layer: Layer):
+    """Re-raise core errors (``DecompositionError``, ``ValueError``, ``TypeError``) naming the layer."""
+    try:
+        yield
+    except (maccore.DecompositionError, ValueError, TypeError) as exc:
+        prefix = f"{method} layer {layer.name!r}"
+        if prefix in str(exc):
+            raise
+        try:
+            renamed = type(exc)(f"{prefix}: {exc}")
+        except Exception:  # an exception type with a custom constructor: keep it as it is
+            raise exc from None
+        raise renamed from exc
+
+
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -177,6 +195,14 @@ class HookedPreconditioner:
                 raise ValueError(f"{nm} must be a positive integer, got {v!r}")
         if on_nonfinite not in _NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_NONFINITE}, got {on_nonfinite!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if grad_scaler is not None and not all(
+            hasattr(grad_scaler, a) for a in ("get_scale", "is_enabled")
+        ):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
         self.model = model
         self.t_cov, self.t_inv = t_cov, t_inv
         self.grad_scaler = grad_scaler
@@ -187,6 +213,11 @@ class HookedPreconditioner:
         self.layers: list[Layer] = [l for l in found if l.role in self.roles]
         for layer in self.layers:
             layer.state = self._init_state(layer)
+        # GradScaler: statistics gathered at another loss scale belong to a step the scaler skipped
+        self._scale_stamp: float | None = None
+        self._scaler_hook = (
+            model.register_forward_pre_hook(self._on_model_forward) if grad_scaler is not None else None
+        )
         # Forward hooks are attached only while the current step collects statistics (every t_cov
         # steps): the forwards of the other steps run hook-free, at the model's own speed.
         self._hooked: dict[int, tuple[nn.Module, Callable]] = {}
@@ -327,6 +358,22 @@ class HookedPreconditioner:
     def _discard(self) -> None:
         for layer in self.layers:
             layer.acc.clear()
+        self._scale_stamp = None
+
+    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        """With ``grad_scaler``: drop the statistics of a step that ``GradScaler`` skipped.
+
+        ``scaler.step(opt)`` does not call ``opt.step()`` after an overflow and ``scaler.update()``
+        then lowers the scale, so statistics gathered at a scale other than the current one belong
+        to an abandoned step (one ``get_scale()`` per collecting forward of the model).
+        """
+        sc = self.grad_scaler
+        if not (module.training and torch.is_grad_enabled() and self.collecting and sc.is_enabled()):
+            return
+        scale = float(sc.get_scale())
+        if self._scale_stamp is not None and scale != self._scale_stamp:
+            self._discard()
+        self._scale_stamp = scale
 
     def _grad_scale_sq(self) -> float:
         sc = self.grad_scaler
@@ -442,15 +489,25 @@ class HookedPreconditioner:
                     raise FloatingPointError(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
                 return False
-        if stat_step:
-            for layer, s in zip(self.layers, stats):
-                if s:
-                    self._fold(layer, s)
-        if refresh:
-            for layer in self.layers:
-                self._refresh(layer)
+        snapshot = [(layer.state, layer.updates) for layer in self.layers]
+        try:
+            if stat_step:
+                for layer, s in zip(self.layers, stats):
+                    if s:
+                        with _layer_errors(self.method, layer):
+                            self._fold(layer, s)
+            if refresh:
+                for layer in self.layers:
+                    with _layer_errors(self.method, layer):
+                        self._refresh(layer)
+        except Exception:  # a failed fold / refresh leaves every layer as it was before the step
+            for layer, (state, updates) in zip(self.layers, snapshot):
+                layer.state, layer.updates = state, updates
+            self._discard()
+            raise
         for layer in self.layers:
-            self._precondition(layer)
+            with _layer_errors(self.method, layer):
+                self._precondition(layer)
         self._discard()
         self.t += 1
         return True
@@ -523,6 +580,9 @@ class HookedPreconditioner:
 
     def remove_hooks(self) -> None:
         """Detach from the model (no more statistics are collected)."""
+        if self._scaler_hook is not None:
+            self._scaler_hook.remove()
+            self._scaler_hook = None
         self._detached = True
         self._sync_hooks()
 
@@ -573,12 +633,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(group: Mapping) -> None:
-        if group.get("lr", 0.0) < 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
-        if group.get("momentum", 0.0) < 0:
-            raise ValueError(f"momentum must be >= 0, got {group['momentum']!r}")
-        if group.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        for key in ("lr", "momentum", "weight_decay"):
+            v = group.get(key, 0.0)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = float(v)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{key} must be a number, got {type(v).__name__} {v!r}")
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{key} must be >= 0 and finite, got {group[key]!r}")
+        if not isinstance(group.get("nesterov", False), bool):
+            raise TypeError(f"nesterov must be True or False, got {group['nesterov']!r}")
         if group.get("weight_decay_mode", "coupled") not in _WD_MODES:
             raise ValueError(f"weight_decay_mode must be one of {_WD_MODES}, got {group['weight_decay_mode']!r}")
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import maccore
+from maccore._xp import check_damping
 
 from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, _Acc
 from maccore_torch.attention import MhaCapture
@@ -78,8 +79,8 @@ class KFACPreconditioner(HookedPreconditioner):
         self.kfac_approx = maccore.KFACType(kfac_approx)
         if loss_average not in _LOSS_AVERAGE:
             raise ValueError(f"loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
-        if reduction_factor is not None and not reduction_factor > 0:
-            raise ValueError(f"reduction_factor must be positive, got {reduction_factor!r}")
+        if reduction_factor is not None:
+            check_damping(reduction_factor, "reduction_factor", "KFAC", pair=False)
         self.stat_decay, self.damping, self.damping_mode = stat_decay, damping, damping_mode
         self.loss_average, self.reduction_factor = loss_average, reduction_factor
         self._pc = maccore.kfac(decay=stat_decay, damping=damping, mode=damping_mode)
