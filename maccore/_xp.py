@@ -76,8 +76,9 @@ def namespace(
         raise TypeError(f"{_where(where)}no array argument given")
     xp = next(iter(uniq.values()))
     devices = {name: compat.device(arr) for name, arr in named.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
+    # A traced jax array has no device (None): it matches any device.
+    known = [d for d in devices.values() if d is not None]
+    if any(d != known[0] for d in known[1:]):
         desc = ", ".join(f"{n}: {d}" for n, d in devices.items())
         raise ValueError(f"{_where(where)}arrays on different devices ({desc})")
     return xp

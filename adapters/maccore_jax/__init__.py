@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 
 from maccore_jax.portable import load_portable, save_portable
+from maccore_jax.singd import SingdLayerState, scale_by_singd, singd, singd_method
 from maccore_jax.specs import QKV, Conv, Dense, Layer
 from maccore_jax.transform import (
     AttentionMacState,
@@ -59,6 +60,10 @@ __all__ = [
     "scale_by_curvature",
     "scale_by_kfac",
     "scale_by_mac",
+    "scale_by_singd",
+    "singd",
+    "singd_method",
+    "SingdLayerState",
     "skip_nonfinite",
 ]
 

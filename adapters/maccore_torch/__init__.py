@@ -18,6 +18,7 @@ from maccore_torch._base import CurvatureOptimizer, HookedPreconditioner
 from maccore_torch.kfac import KFAC, KFACPreconditioner
 from maccore_torch.mac import MAC, MACPreconditioner
 from maccore_torch.portable import load_portable, save_portable
+from maccore_torch.singd import SINGD, SINGDPreconditioner
 from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec
 
 QKV = QkvSpec
@@ -28,6 +29,8 @@ __all__ = [
     "MAC",
     "MACPreconditioner",
     "QKV",
+    "SINGD",
+    "SINGDPreconditioner",
     "QkvSpec",
     "CurvatureOptimizer",
     "HookedPreconditioner",
