@@ -210,10 +210,10 @@ def singd(
     Returns:
         A :class:`maccore.Preconditioner`:
 
-        - ``init(d_in_tilde, d_out, *, xp, dtype=None, device=None) -> SingdState``
-          (``dtype`` defaults to float32; ``K = C = I``, momenta zero);
+        - ``init(d_in_tilde, d_out, *, xp, dtype=None, device=None) -> SingdState``: ``dtype``
+            defaults to float32; ``K = C = I``, momenta zero;
         - ``update(state, rows=None, grad_rows=None, *, reduction_factor=None, statistics=None,
-          grad_scale_correction=1.0, lr_cov=None) -> SingdState`` (one preconditioner step);
+            grad_scale_correction=1.0, lr_cov=None) -> SingdState``: one preconditioner step;
         - ``refresh(state) -> state`` (identity);
         - ``apply(state, grad_mat) -> C Cᵀ grad_mat K Kᵀ`` in the factor dtypes, cast back;
         - ``to_dense(state) -> (C Cᵀ) ⊗ (K Kᵀ)`` (row-major; the inverse-curvature view).
