@@ -58,6 +58,7 @@ __all__ = [
     "to_numpy",
     "save",
     "load",
+    "rename_entries",
 ]
 
 FORMAT = "maccore-portable"
@@ -120,7 +121,7 @@ class Checkpoint:
                 f"{where}: the checkpoint holds a {self.method} state but the optimizer is "
                 f"{method.upper()}"
             )
-        layers = _rename(self.layers, names, "layers", where)
+        layers = rename_entries(self.layers, names, where, "layers")
         missing = sorted(set(target) - set(layers))
         unexpected = sorted(set(layers) - set(target))
         if missing or unexpected:
@@ -143,23 +144,7 @@ class Checkpoint:
         self, names: Mapping[str, str] | None = None, *, where: str = "load_portable"
     ) -> dict[str, Any]:
         """Momentum buffers of the other parameters under the target's names."""
-        return _rename(self.params, names, "params", where)
-
-
-def _rename(
-    entries: Mapping[str, Any], names: Mapping[str, str] | None, what: str, where: str
-) -> dict[str, Any]:
-    if names is None:
-        return dict(entries)
-    if not isinstance(names, Mapping):
-        raise TypeError(f"{where}: names must be a mapping {{saved name: new name}}, got {names!r}")
-    out: dict[str, Any] = {}
-    for saved, entry in entries.items():
-        new = names.get(saved, saved)
-        if new in out:
-            raise ValueError(f"{where}: names maps two {what} to {new!r}")
-        out[new] = entry
-    return out
+        return rename_entries(self.params, names, where, "params")
 
 
 # ---- states <-> flat dictionaries -------------------------------------------------------------
@@ -396,3 +381,27 @@ def load(path: Any) -> Checkpoint:
         hyperparameters=header.get("hyperparameters", {}), source=header.get("source", "?"),
         format_version=version,
     )
+
+
+def rename_entries(
+    entries: Mapping[str, Any], names: Mapping[str, str] | None, where: str, what: str = "entries"
+) -> dict[str, Any]:
+    """``entries`` with keys renamed by the mapping ``names`` ({old name: new name}; ``None`` keeps
+    them). Saving maps framework names onto saved names, loading maps saved names onto the
+    target's; both adapters' ``save_portable``/``load_portable`` use it.
+
+    Raises:
+        TypeError: ``names`` is not a mapping.
+        ValueError: two entries map to the same new name.
+    """
+    if names is None:
+        return dict(entries)
+    if not isinstance(names, Mapping):
+        raise TypeError(f"{where}: names must be a mapping {{old name: new name}}, got {names!r}")
+    out: dict[str, Any] = {}
+    for old, entry in entries.items():
+        new = names.get(old, old)
+        if new in out:
+            raise ValueError(f"{where}: names maps two {what} to {new!r}")
+        out[new] = entry
+    return out

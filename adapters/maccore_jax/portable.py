@@ -122,20 +122,6 @@ def _layer_leaves(found: dict) -> set[int]:
     return out
 
 
-def _renamed(entries: dict, names: Mapping[str, str] | None, where: str) -> dict:
-    if names is None:
-        return entries
-    if not isinstance(names, Mapping):
-        raise TypeError(f"{where}: names must be a mapping {{name: saved name}}, got {names!r}")
-    out = {}
-    for k, v in entries.items():
-        new = names.get(k, k)
-        if new in out:
-            raise ValueError(f"{where}: names maps two entries to {new!r}")
-        out[new] = v
-    return out
-
-
 def save_portable(
     path: Any,
     state: Any,
@@ -188,8 +174,8 @@ def save_portable(
         ck.Checkpoint(
             method=_method(curv, where),
             step=int(curv.count),
-            layers=_renamed(entries, names, where),
-            params=_renamed(others, names, where),
+            layers=ck.rename_entries(entries, names, where),
+            params=ck.rename_entries(others, names, where),
             hyperparameters={"layout": layout},
             source="jax",
         ),

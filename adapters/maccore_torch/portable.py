@@ -60,20 +60,6 @@ def _other_params(pre: HookedPreconditioner, opt: CurvatureOptimizer) -> dict[st
     return out
 
 
-def _renamed(entries: dict, names: Mapping[str, str] | None, where: str) -> dict:
-    if names is None:
-        return entries
-    if not isinstance(names, Mapping):
-        raise TypeError(f"{where}: names must be a mapping {{name: saved name}}, got {names!r}")
-    out = {}
-    for k, v in entries.items():
-        new = names.get(k, k)
-        if new in out:
-            raise ValueError(f"{where}: names maps two entries to {new!r}")
-        out[new] = v
-    return out
-
-
 def save_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None) -> None:
     """Write the curvature state, step count and momentum buffers of ``opt`` (a
     :class:`maccore_torch.MAC` / :class:`maccore_torch.KFAC`, or a preconditioner: no momentum)
@@ -120,8 +106,8 @@ def save_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
         ck.Checkpoint(
             method=pre.method,
             step=pre.t,
-            layers=_renamed(layers, names, where),
-            params=_renamed(params, names, where),
+            layers=ck.rename_entries(layers, names, where),
+            params=ck.rename_entries(params, names, where),
             hyperparameters=hyper,
             source="torch",
         ),
