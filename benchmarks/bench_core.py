@@ -3,24 +3,66 @@ against unfold-then-mean (time) and the input size (peak extra memory)."""
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import numpy as np
 
 import maccore
+from maccore import _delegate
 from benchmarks._harness import Result, paired_ratios
 
 SHAPES = ((4096, 4096), (768, 3072), (3072, 768))
 
+# Distinct gradients cycled through by the "streamed" rows: together well over any L3 cache, so
+# every call reads its gradient from memory, as an optimizer step does after the backward pass.
+POOL_BYTES = 256 << 20
+
+
+def _mac_rows(lib: str, make, copy, mac, inplace, one_pass, repeats: int, quick: bool) -> list[Result]:
+    """Rows for one library: ``make(shape, k)`` returns ``k`` gradients and ``(a, coef)``.
+
+    - warm: the same gradient every call (a 9 MiB one stays in L3: the copy runs at cache speed);
+    - streamed: a pool of gradients larger than the caches, candidate and baseline cycle through it;
+    - in place (the adapters' kernel on ``.grad``) and one elementwise pass: reports, streamed.
+    """
+    out = []
+    for m, n in SHAPES[:1] if quick else SHAPES:
+        k = 2 if quick else max(3, POOL_BYTES // (m * n * 4))
+        pool, (a, coef) = make((m, n), k)
+        g = pool[0]
+        r = paired_ratios(lambda: mac(g, a), lambda: copy(g), repeats=repeats, inner=3)
+        out.append(Result(f"{lib} mac_apply f32 {m}x{n} warm", "copy (same array)", 1.5, r))
+
+        def cycled(fn, *args):
+            it = itertools.cycle(pool)
+            return lambda: fn(next(it), *args)
+
+        inner = max(3, k)
+        r = paired_ratios(cycled(mac, a), cycled(copy), repeats=repeats, inner=inner)
+        out.append(Result(f"{lib} mac_apply f32 {m}x{n} streamed", f"copy ({k} arrays cycled)", 1.5, r))
+        r = paired_ratios(cycled(inplace, a, coef), cycled(copy), repeats=repeats, inner=inner)
+        out.append(Result(f"{lib} MAC in place (adapter kernel) {m}x{n} streamed", f"copy ({k} arrays cycled)",
+                          None, r, note="rank-1 update written into the gradient"))
+        r = paired_ratios(cycled(one_pass), cycled(copy), repeats=repeats, inner=inner)
+        out.append(Result(f"{lib} floor: one elementwise pass g*1 {m}x{n} streamed", f"copy ({k} arrays cycled)",
+                          None, r, note="any kernel that reads g and writes a new array"))
+    return out
+
 
 def _numpy_mac(repeats: int, quick: bool) -> list[Result]:
-    out = []
     rng = np.random.default_rng(0)
-    for m, n in SHAPES[:1] if quick else SHAPES:
-        g = rng.standard_normal((m, n), dtype=np.float32)
-        a = rng.standard_normal(n, dtype=np.float32)
-        r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), lambda: g.copy(), repeats=repeats, inner=3)
-        out.append(Result(f"numpy mac_apply f32 {m}x{n}", "g.copy()", 1.5, r))
+
+    def make(shape, k):
+        pool = [rng.standard_normal(shape, dtype=np.float32) for _ in range(k)]
+        a = rng.standard_normal(shape[1], dtype=np.float32)
+        return pool, (a, (a / (1.0 + a @ a)).astype(np.float32))
+
+    def inplace(g, a, coef):
+        _delegate.rank1_rows_numpy(g, a, coef, g)
+
+    out = _mac_rows("numpy", make, lambda g: g.copy(), lambda g, a: maccore.mac_apply(g, a, 1.0), inplace,
+                    lambda g: g * np.float32(1), repeats, quick)
     n = 1024 if quick else 4096
     g = rng.standard_normal((n, n), dtype=np.float32)
     a = rng.standard_normal(n, dtype=np.float32)
@@ -40,13 +82,18 @@ def _torch_mac(repeats: int, quick: bool) -> list[Result]:
         import torch
     except ImportError:
         return []
-    out = []
     gen = torch.Generator().manual_seed(0)
-    for m, n in SHAPES[:1] if quick else SHAPES:
-        g = torch.randn(m, n, generator=gen)
-        a = torch.randn(n, generator=gen)
-        r = paired_ratios(lambda: maccore.mac_apply(g, a, 1.0), lambda: g.clone(), repeats=repeats, inner=3)
-        out.append(Result(f"torch-cpu mac_apply f32 {m}x{n}", "g.clone()", 1.5, r))
+
+    def make(shape, k):
+        pool = [torch.randn(*shape, generator=gen) for _ in range(k)]
+        a = torch.randn(shape[1], generator=gen)
+        return pool, (a, a / (1.0 + a @ a))
+
+    def inplace(g, a, coef):
+        _delegate.rank1_split_torch_parts(g, None, a, None, coef, None, inplace=True)
+
+    out = _mac_rows("torch-cpu", make, lambda g: g.clone(), lambda g, a: maccore.mac_apply(g, a, 1.0), inplace,
+                    lambda g: g * 1.0, repeats, quick)
     n = 1024 if quick else 4096
     g = torch.randn(n, n, generator=gen)
     a = torch.randn(n, generator=gen)

@@ -12,9 +12,25 @@ import array_api_compat as compat
 
 Array = Any
 
-# Bytes per block of the chunked NumPy rank-1 update: a block (plus its matvec) stays in cache, so
-# the gradient is read from memory once and the result written once.
-_CHUNK_BYTES = 1 << 19
+_L2_SYSFS = "/sys/devices/system/cpu/cpu0/cache/index2/size"
+
+
+def _l2_bytes(path: str = _L2_SYSFS, default: int = 1 << 20) -> int:
+    """This core's L2 cache size (Linux sysfs ``path``), clamped to [256 KiB, 4 MiB]; ``default``
+    where it cannot be read."""
+    try:
+        with open(path) as f:
+            text = f.read().strip().upper()
+        size = int(text.rstrip("KMB")) << {"K": 10, "M": 20}.get(text.rstrip("B")[-1:], 0)
+    except (OSError, ValueError):
+        return default
+    return min(max(size, 1 << 18), 1 << 22)
+
+
+# Bytes per block of the chunked NumPy rank-1 update: a block stays in this core's L2 between its
+# matvec and its update, so the gradient is read from memory once and the result written once
+# (measured on a 1 MiB-L2 core: 1 MiB blocks beat 256/512 KiB and 2 MiB ones, docs/benchmarks.md).
+_CHUNK_BYTES = _l2_bytes()
 
 # dtype char -> SciPy's BLAS ?ger (a fused in-place rank-1 update), or None (no SciPy / dtype).
 _GER: dict[str, Any] = {}
@@ -42,47 +58,113 @@ def rank1_update(xp: Any, g: Array, a: Array, coef: Array) -> Array:
     """``g − (g @ a) coefᵀ`` for ``g [m, n]``, ``a, coef [n]``; never forms an n×n matrix.
 
     NumPy: a cache-blocked loop (one read and one write of ``g``; BLAS ``?ger`` through SciPy when
-    it is installed). torch: ``addr`` (a fused BLAS
-    rank-1 update). Everything else: :func:`rank1_update_standard`.
+    it is installed; :func:`rank1_rows_numpy`). torch: the same loop on CPU tensors that can share
+    memory with NumPy (:func:`_cpu_blas_ok`), else ``addr`` (a fused rank-1 update). Everything
+    else: :func:`rank1_update_standard`.
     """
     if compat.is_numpy_namespace(xp):
         return _rank1_numpy(g, a, coef)
     if compat.is_torch_namespace(xp):
         import torch  # only reached when the caller already uses torch
 
+        if _cpu_blas_ok(g, a, coef):
+            import numpy as np
+
+            out = torch.empty_like(g, memory_format=torch.contiguous_format)
+            with np.errstate(all="ignore"):  # torch semantics: inf/nan propagate without warnings
+                rank1_rows_numpy(g.numpy(), a.numpy(), coef.numpy(), out.numpy())
+            return out
         return torch.addr(g, g @ a, coef, alpha=-1)
     return rank1_update_standard(xp, g, a, coef)
 
 
+# Smallest gradient (elements) for which torch CPU tensors take the NumPy/BLAS kernel: below it the
+# per-call overhead of the blocked loop outweighs torch's mv + addr.
+_CPU_BLAS_MIN = 1 << 18
+
+
+def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
+    """Whether torch tensors can share memory with NumPy for :func:`rank1_rows_numpy`: CPU,
+    float32/float64 alike, no autograd, not traced (``torch.compile``, ``torch.func``), a
+    C-contiguous ``g`` with at least ``_CPU_BLAS_MIN`` elements, and SciPy's BLAS present."""
+    import torch
+
+    if (g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64) or g.ndim != 2
+            or g.numel() < _CPU_BLAS_MIN or not g.is_contiguous() or _blas_ger(_np_dtype(g)) is None
+            or torch.compiler.is_compiling()):
+        return False
+    for t in (g, *vecs):
+        if t is None:
+            continue
+        if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != g.dtype or t.requires_grad
+                or t.is_conj() or t.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
+
+
+def _np_dtype(t: Array) -> Any:
+    import numpy as np
+    import torch
+
+    return np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)
+
+
 def _rank1_numpy(g: Array, a: Array, coef: Array, *, blas: bool = True) -> Array:
-    """Cache-blocked ``g − (g a) coefᵀ``. With SciPy (float32/float64): per block a copy, a matvec
-    and BLAS ``?ger`` in place (one fused pass); otherwise (or ``blas=False``) the matvec and two
-    ufunc passes (outer product, subtraction)."""
+    """Cache-blocked ``g − (g a) coefᵀ`` into a new C-ordered array (:func:`rank1_rows_numpy`)."""
+    import numpy as np
+
+    out = np.empty_like(g, order="C")
+    rank1_rows_numpy(g, a, coef, out, blas=blas)
+    return out
+
+
+def rank1_rows_numpy(g: Array, a: Array, coef: Array, out: Array, *, gb: Array | None = None,
+                     ab: float = 0.0, cb: float = 0.0, gb_out: Array | None = None,
+                     scale: float | None = None, blas: bool = True) -> None:
+    """``out ← g − v coefᵀ`` with ``v = scale·(g a + gb·ab)``, and ``gb_out ← gb − v·cb``, over
+    blocks of rows that stay in cache: ``g`` is read from memory once and ``out`` written once.
+
+    ``out`` is C-contiguous; it may be ``g`` itself (in place: no copy at all), likewise ``gb_out``
+    may be ``gb``. With SciPy (float32/float64 throughout), per block: a copy into ``out`` (unless
+    in place), a matvec and BLAS ``?ger`` in place; otherwise (or ``blas=False``) the matvec, an
+    outer product and a subtraction (ufuncs).
+    """
     import numpy as np
 
     m, n = g.shape
-    ger = _blas_ger(g.dtype) if blas and a.dtype == g.dtype == coef.dtype and g.size else None
-    out = np.empty_like(g, order="C")
+    inplace = out is g
+    ger = (_blas_ger(g.dtype) if blas and a.dtype == g.dtype == coef.dtype == out.dtype and g.size
+           else None)
     step = max(1, _CHUNK_BYTES // max(1, n * g.itemsize))
-    ga = np.empty((min(step, m),), dtype=g.dtype)
+    if scale is not None:  # v = (scale·a)ᵀ g_i + scale·ab·gb_i: scaled once, outside the loop
+        a = a * scale
+    w = None if gb is None else gb * (ab if scale is None else ab * scale)
+    v_all = np.empty((m,), dtype=out.dtype)
+    tmp = None if ger is not None else np.empty((min(step, m), n), dtype=out.dtype)
     for start in range(0, m, step):
         stop = min(m, start + step)
         o = out[start:stop]
-        v = ga[: stop - start]
+        v = v_all[start:stop]
         if ger is not None:
-            np.copyto(o, g[start:stop])
+            if not inplace:
+                np.copyto(o, g[start:stop])
             np.matmul(o, a, out=v)
+        else:
+            np.matmul(g[start:stop], a, out=v)
+        if w is not None:
+            v += w[start:stop]
+        if ger is not None:
             # o is C-contiguous, so o.T is Fortran-ordered: ?ger updates it in place,
             # o.T ← o.T − coef vᵀ  ⇔  o ← o − v coefᵀ
             r = ger(-1.0, coef, v, a=o.T, overwrite_a=1)
             if r.ctypes.data != o.ctypes.data:  # the wrapper had to copy (never expected)
                 np.copyto(o, r.T)
         else:
-            blk = g[start:stop]
-            np.matmul(blk, a, out=v)
-            np.multiply(v[:, None], coef[None, :], out=o)
-            np.subtract(blk, o, out=o)
-    return out
+            t = tmp[: stop - start]
+            np.multiply(v[:, None], coef[None, :], out=t)
+            np.subtract(g[start:stop], t, out=o)
+    if gb is not None:
+        np.subtract(gb, v_all * cb, out=gb_out)
 
 
 def rank1_update_split_standard(xp: Any, gw: Array, gb: Array | None, a: Array, coef: Array
@@ -148,6 +230,20 @@ def rank1_split_torch_parts(gw: Array, gb: Array | None, aw: Array, ab: Array | 
     vector of size d̃ is kept)."""
     import torch  # only reached when the caller already uses torch
 
+    if aw.ndim == 1 and _cpu_blas_ok(gw, gb, aw, ab, cw, cb, scale):
+        import numpy as np
+
+        out = gw if inplace else torch.empty_like(gw, memory_format=torch.contiguous_format)
+        bout = None if gb is None else (gb if inplace else torch.empty_like(gb))
+        g_np = gw.numpy()  # shares memory; one object for g and out when in place
+        gb_np = None if gb is None else gb.numpy()
+        with np.errstate(all="ignore"):  # torch semantics: inf/nan propagate without warnings
+            rank1_rows_numpy(g_np, aw.numpy(), cw.numpy(), g_np if inplace else out.numpy(),
+                             gb=gb_np, ab=None if ab is None else ab.numpy(),
+                             cb=None if cb is None else cb.numpy(),
+                             gb_out=None if gb is None else (gb_np if inplace else bout.numpy()),
+                             scale=None if scale is None else scale.numpy())
+        return out, bout
     if aw.ndim == 1:
         v = torch.mv(gw, aw)
         if gb is not None:

@@ -157,11 +157,17 @@ def _adapter():
     return torch, maccore_torch
 
 
+@pytest.mark.parametrize("cpu_blas", [False, True])
 @pytest.mark.parametrize("scale", ["reference", "inverse"])
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("dt", ["float32", "float64"])
-def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt):
+def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt, cpu_blas, monkeypatch):
+    """The adapter's in-place step (torch kernels, or with ``cpu_blas`` the NumPy/BLAS kernel on
+    shared memory, forced for these small layers) equals the core's apply on the gradient matrix."""
     torch, mt = _adapter()
+    if cpu_blas:
+        pytest.importorskip("scipy")
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0 if cpu_blas else 1 << 62)
     import maccore
     from torch import nn
 
@@ -250,3 +256,150 @@ def test_rank1_update_split_torch_parts_scaled(heads):
                                             inplace=True, scale=s)
     torch.testing.assert_close(w, torch.as_tensor(want[:, :n]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, torch.as_tensor(want[:, n]), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# rank1_rows_numpy: in place, bias column and scale (the kernel behind NumPy and torch CPU)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_rank1_rows_numpy(dt, chunk, scaled, bias, inplace, blas, monkeypatch):
+    """``out ← g − v coefᵀ``, ``v = s·(g a + gb·ab)``, ``gb_out ← gb − v·cb`` equals the float64
+    dense formula on the concatenated matrix, for one-row blocks and one block, in place or not."""
+    if blas:
+        pytest.importorskip("scipy")
+    monkeypatch.setattr(_delegate, "_CHUNK_BYTES", chunk)
+    rng = np.random.default_rng(7)
+    m, n = 37, 23
+    g = rng.standard_normal((m, n)).astype(dt)
+    gb = rng.standard_normal(m).astype(dt) if bias else None
+    a = rng.standard_normal(n + 1).astype(dt)
+    c = rng.standard_normal(n + 1).astype(dt)
+    s = np.asarray(0.37, dtype=dt) if scaled else None
+    full = g.astype(np.float64) if gb is None else np.concatenate([g, gb[:, None]], 1).astype(np.float64)
+    af = a[: full.shape[1]].astype(np.float64)
+    want = full - np.outer((0.37 if scaled else 1.0) * (full @ af), c[: full.shape[1]])
+    g0, gb0 = g.copy(), None if gb is None else gb.copy()
+    out = g if inplace else np.empty_like(g)
+    gb_out = None if gb is None else (gb if inplace else np.empty_like(gb))
+    _delegate.rank1_rows_numpy(g, a[:n], c[:n], out, gb=gb, ab=a[n], cb=c[n], gb_out=gb_out, scale=s, blas=blas)
+    t = {"float32": 2e-5, "float64": 1e-12}[dt]
+    np.testing.assert_allclose(out, want[:, :n], rtol=t, atol=t * np.abs(want).max())
+    if bias:
+        np.testing.assert_allclose(gb_out, want[:, n], rtol=t, atol=t * np.abs(want).max())
+    if inplace:
+        assert out is g and (gb_out is gb)
+    else:  # inputs untouched
+        assert np.array_equal(g, g0) and (gb is None or np.array_equal(gb, gb0))
+
+
+def test_l2_bytes_parses_sysfs(tmp_path):
+    """The block size follows the L2 size sysfs reports, clamped to [256 KiB, 4 MiB]."""
+    f = tmp_path / "size"
+    for text, want in [("1024K\n", 1 << 20), ("2M", 2 << 20), ("48K", 1 << 18), ("64M", 1 << 22)]:
+        f.write_text(text)
+        assert _delegate._l2_bytes(str(f)) == want
+    f.write_text("garbage")
+    assert _delegate._l2_bytes(str(f)) == 1 << 20
+    assert _delegate._l2_bytes(str(tmp_path / "missing"), default=12345) == 12345
+
+
+# ---------------------------------------------------------------------------------------------
+# torch CPU tensors through the NumPy/BLAS kernel (shared memory) against torch's own kernels
+
+
+def _torch_xp():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("scipy")
+    import array_api_compat
+
+    return torch, array_api_compat.array_namespace(torch.empty(0))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch):
+    """Above the size threshold (here forced to 0) torch CPU tensors take rank1_rows_numpy; the
+    result equals torch's mv + addr path, in place into the same storage or into a new tensor."""
+    torch, xp = _torch_xp()
+    dtype = getattr(torch, dt)
+    gen = torch.Generator().manual_seed(3)
+    gw = torch.randn(41, 29, generator=gen, dtype=dtype)
+    gb = torch.randn(41, generator=gen, dtype=dtype) if bias else None
+    a = torch.randn(30, generator=gen, dtype=dtype)
+    s = torch.tensor(0.3, dtype=dtype)
+    ab = a[29] if bias else None
+    t = {"rtol": 1e-5, "atol": 1e-5} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-12}
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 1 << 62)  # torch's kernels
+    assert not _delegate._cpu_blas_ok(gw, gb, a)
+    want_w, want_b = _delegate.rank1_split_torch_parts(gw.clone(), None if gb is None else gb.clone(), a[:29], ab,
+                                                       a[:29], ab, inplace=False, scale=s)
+    want_f = _delegate.rank1_update(xp, gw, a[:29], a[:29] * s)
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)  # the NumPy/BLAS kernel
+    assert _delegate._cpu_blas_ok(gw, gb, a)
+    gw0, gb0 = gw.clone(), None if gb is None else gb.clone()
+    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[:29], ab, a[:29], ab, inplace=inplace, scale=s)
+    torch.testing.assert_close(w, want_w, **t)
+    if bias:
+        torch.testing.assert_close(b, want_b, **t)
+    else:
+        assert b is None
+    if inplace:
+        assert w.data_ptr() == gw.data_ptr() and (not bias or b.data_ptr() == gb.data_ptr())
+    else:
+        assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
+        gw = gw0
+    f = _delegate.rank1_update(xp, gw0, a[:29], a[:29] * s)
+    assert f.dtype == dtype and f.is_contiguous()
+    torch.testing.assert_close(f, want_f, **t)
+
+
+def test_torch_cpu_blas_path_only_where_memory_can_be_shared(monkeypatch):
+    """Autograd, low precision, non-contiguous, mixed dtypes, torch.func transforms and
+    small gradients keep torch's own kernels."""
+    torch, _ = _torch_xp()
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
+    g = torch.randn(8, 6)
+    a = torch.randn(6)
+    assert _delegate._cpu_blas_ok(g, a)
+    assert not _delegate._cpu_blas_ok(g.clone().requires_grad_(), a)
+    assert not _delegate._cpu_blas_ok(g, a.clone().requires_grad_())
+    assert not _delegate._cpu_blas_ok(g.to(torch.bfloat16), a.to(torch.bfloat16))
+    assert not _delegate._cpu_blas_ok(g.half(), a.half())
+    assert not _delegate._cpu_blas_ok(g.t(), torch.randn(8))
+    assert not _delegate._cpu_blas_ok(g, a.double())
+    assert not _delegate._cpu_blas_ok(g[None], a)
+    assert not _delegate._cpu_blas_ok(torch.nn.Parameter(g), a)  # subclasses: torch's own kernels
+    assert _delegate._cpu_blas_ok(g, a) and not g.requires_grad
+    seen = []
+    torch.func.vmap(lambda x: seen.append(_delegate._cpu_blas_ok(x, a)) or x)(g[None].expand(2, 8, 6))
+    assert seen == [False]
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", g.numel() + 1)
+    assert not _delegate._cpu_blas_ok(g, a)
+
+
+def test_torch_cpu_blas_path_propagates_nonfinite_silently(monkeypatch):
+    """inf/nan in the gradient propagate as with torch's kernels, without NumPy warnings."""
+    import warnings
+
+    torch, xp = _torch_xp()
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
+    g = torch.randn(9, 5)
+    g[2, 3] = float("inf")
+    g[4, 1] = float("nan")
+    a = torch.randn(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _delegate.rank1_update(xp, g, a, a)
+        w, _ = _delegate.rank1_split_torch_parts(g.clone(), None, a, None, a, None, inplace=True)
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 1 << 62)
+    want = _delegate.rank1_update(xp, g, a, a)
+    for got in (out, w):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)])
