@@ -89,8 +89,8 @@ def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
     C-contiguous ``g`` with at least ``_CPU_BLAS_MIN`` elements, and SciPy's BLAS present."""
     import torch
 
-    if (g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64) or g.ndim != 2
-            or g.numel() < _CPU_BLAS_MIN or not g.is_contiguous() or _blas_ger(_np_dtype(g)) is None
+    if (g.numel() < _CPU_BLAS_MIN or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64)
+            or g.ndim != 2 or not g.is_contiguous() or _blas_ger(_np_dtype(g)) is None
             or torch.compiler.is_compiling()):
         return False
     for t in (g, *vecs):
