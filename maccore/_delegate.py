@@ -85,8 +85,9 @@ _CPU_BLAS_MIN = 1 << 18
 
 def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
     """Whether torch tensors can share memory with NumPy for :func:`rank1_rows_numpy`: CPU,
-    float32/float64 alike, no autograd, not traced (``torch.compile``, ``torch.func``), a
-    C-contiguous ``g`` with at least ``_CPU_BLAS_MIN`` elements, and SciPy's BLAS present."""
+    float32/float64 alike, plain tensors (no subclass, no autograd, no inference tensors, not
+    traced by ``torch.compile`` or ``torch.func``), a C-contiguous ``g`` with at least
+    ``_CPU_BLAS_MIN`` elements, and SciPy's BLAS present."""
     import torch
 
     if (g.numel() < _CPU_BLAS_MIN or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64)
@@ -97,7 +98,8 @@ def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
         if t is None:
             continue
         if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != g.dtype or t.requires_grad
-                or t.is_conj() or t.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+                or t.is_conj() or t.is_neg() or t.is_inference()
+                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return False
     return True
 
@@ -243,6 +245,12 @@ def rank1_split_torch_parts(gw: Array, gb: Array | None, aw: Array, ab: Array | 
                              cb=None if cb is None else cb.numpy(),
                              gb_out=None if gb is None else (gb_np if inplace else bout.numpy()),
                              scale=None if scale is None else scale.numpy())
+        if inplace:  # written behind autograd's back: bump the version counters as torch's ops do
+            from torch.autograd.graph import increment_version
+
+            increment_version(gw)
+            if gb is not None:
+                increment_version(gb)
         return out, bout
     if aw.ndim == 1:
         v = torch.mv(gw, aw)

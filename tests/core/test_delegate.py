@@ -354,10 +354,26 @@ def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch
         assert w.data_ptr() == gw.data_ptr() and (not bias or b.data_ptr() == gb.data_ptr())
     else:
         assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
-        gw = gw0
     f = _delegate.rank1_update(xp, gw0, a[:29], a[:29] * s)
     assert f.dtype == dtype and f.is_contiguous()
     torch.testing.assert_close(f, want_f, **t)
+
+
+def test_torch_cpu_blas_inplace_bumps_autograd_version(monkeypatch):
+    """An in-place write through NumPy is visible to autograd: a tensor saved for backward and
+    then preconditioned in place makes backward raise, exactly as with torch's own in-place ops."""
+    torch, _ = _torch_xp()
+    a = torch.randn(6)
+    for blas_min in (0, 1 << 62):
+        monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", blas_min)
+        g = torch.randn(8, 6)
+        w = torch.randn(8, 6, requires_grad=True)
+        loss = (g * w).sum()  # saves g for backward
+        v0 = g._version
+        _delegate.rank1_split_torch_parts(g, None, a, None, a, None, inplace=True)
+        assert g._version > v0
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_torch_cpu_blas_path_only_where_memory_can_be_shared(monkeypatch):
@@ -377,6 +393,9 @@ def test_torch_cpu_blas_path_only_where_memory_can_be_shared(monkeypatch):
     assert not _delegate._cpu_blas_ok(g[None], a)
     assert not _delegate._cpu_blas_ok(torch.nn.Parameter(g), a)  # subclasses: torch's own kernels
     assert _delegate._cpu_blas_ok(g, a) and not g.requires_grad
+    with torch.inference_mode():
+        gi = torch.randn(8, 6)
+    assert not _delegate._cpu_blas_ok(gi, a)  # torch forbids in-place updates of these outside
     seen = []
     torch.func.vmap(lambda x: seen.append(_delegate._cpu_blas_ok(x, a)) or x)(g[None].expand(2, 8, 6))
     assert seen == [False]
