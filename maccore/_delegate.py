@@ -169,6 +169,20 @@ def rank1_rows_numpy(g: Array, a: Array, coef: Array, out: Array, *, gb: Array |
         np.subtract(gb, v_all * cb, out=gb_out)
 
 
+def softmax_last(xp: Any, x: Array) -> Array | None:
+    """The backend's fused softmax over the last axis (torch, JAX), or ``None`` where the standard
+    has to compose it (the caller's max / exp / sum / divide path)."""
+    if compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.softmax(x, dim=-1)
+    if compat.is_jax_namespace(xp):
+        import jax
+
+        return jax.nn.softmax(x, axis=-1)
+    return None
+
+
 def rank1_update_split_standard(xp: Any, gw: Array, gb: Array | None, a: Array, coef: Array
                                 ) -> tuple[Array, Array | None]:
     """:func:`rank1_update_split` with standard operations only."""

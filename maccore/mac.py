@@ -128,6 +128,10 @@ def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | N
     neg = xp.asarray(-math.inf, dtype=sdt, device=device_of(q))
     if keep is not None:
         scores = xp.where(keep, scores, neg)
+    if mask is None and m > 0:  # every row keeps a key (causal keeps key 0): a fused softmax is exact
+        fused = _delegate.softmax_last(xp, scores)
+        if fused is not None:
+            return fused
     mx = xp.max(scores, axis=-1, keepdims=True)
     mx = xp.where(xp.isfinite(mx), mx, xp.zeros_like(mx))
     e = xp.exp(scores - mx)

@@ -422,3 +422,25 @@ def test_torch_cpu_blas_path_propagates_nonfinite_silently(monkeypatch):
     for got in (out, w):
         assert torch.equal(torch.isfinite(got), torch.isfinite(want))
         torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_probs_fused_softmax_equals_composed(xp, dtype, causal, monkeypatch):
+    """torch / JAX: attention_probs uses the backend's fused softmax when no row can be fully masked;
+    the result equals the standard max / exp / sum / divide composition."""
+    import maccore
+
+    rng = np.random.default_rng(11)
+    q = asarray(xp, 3 * rng.standard_normal((2, 3, 5, 4)), dtype)
+    k = asarray(xp, 3 * rng.standard_normal((2, 3, 5, 4)), dtype)
+    fused = maccore.attention_probs(q, k, causal=causal)
+    calls = []
+    real = _delegate.softmax_last
+    monkeypatch.setattr(_delegate, "softmax_last", lambda xp_, x: calls.append(1) or None)
+    composed = maccore.attention_probs(q, k, causal=causal)
+    assert calls == [1]  # the hook is consulted on this path
+    assert_close(fused, to_numpy(composed), **tol(xp, dtype))
+    import array_api_compat as compat
+
+    has_fused = compat.is_torch_namespace(xp) or compat.is_jax_namespace(xp)
+    assert (real(xp, composed) is not None) == has_fused
