@@ -139,7 +139,7 @@ def rank1_rows_numpy(g: Array, a: Array, coef: Array, out: Array, *, gb: Array |
            else None)
     step = max(1, _CHUNK_BYTES // max(1, n * g.itemsize))
     if scale is not None:  # v = (scale·a)ᵀ g_i + scale·ab·gb_i: scaled once, outside the loop
-        a = a * scale
+        a = (a * scale).astype(a.dtype, copy=False)
     w = None if gb is None else gb * (ab if scale is None else ab * scale)
     v_all = np.empty((m,), dtype=out.dtype)
     tmp = None if ger is not None else np.empty((min(step, m), n), dtype=out.dtype)
