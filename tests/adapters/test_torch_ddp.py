@@ -2,7 +2,7 @@
 
 Statistics are all-reduced weighted by row counts, so every rank applies the preconditioner of
 the global batch; DDP averages the gradients. MAC (with the first-layer inverse fitted on the
-ranks' shards) and KFAC are both checked.
+ranks' shards), KFAC and SINGD (dense and structured factors) are checked.
 """
 
 from __future__ import annotations
@@ -48,9 +48,17 @@ def _fit_batches():
     return [torch.randn(6, 2, 4, 4, generator=g, dtype=DT) for _ in range(2)]
 
 
+METHODS = ("MAC", "KFAC", "SINGD", "SINGD-diag")
+
+
 def _make(method, model):
     if method == "MAC":
         return mt.MAC(model, lr=0.1, stat_decay=0.8, damping=0.5, t_cov=2, t_inv=3)
+    if method == "SINGD":
+        return mt.SINGD(model, lr=0.05, damping=0.1, T=2, lr_cov=0.05, warn_unsupported=False)
+    if method == "SINGD-diag":
+        return mt.SINGD(model, lr=0.05, damping=0.1, T=1, lr_cov=0.05, structures=("diagonal", "dense"),
+                        kfac_like=True, alpha1=0.0, warn_unsupported=False)
     return mt.KFAC(model, lr=0.05, damping=0.3, t_cov=1, t_inv=2)
 
 
@@ -62,7 +70,7 @@ def _shard(t, rank):
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        for method in ("MAC", "KFAC"):
+        for method in METHODS:
             model = _net()
             ddp = nn.parallel.DistributedDataParallel(model)
             opt = _make(method, model)
@@ -79,7 +87,7 @@ def _worker(rank, init_file, out_dir):
 
 def test_ddp_equals_single_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    for method in ("MAC", "KFAC"):
+    for method in METHODS:
         model = _net()
         opt = _make(method, model)
         if method == "MAC":
@@ -90,5 +98,7 @@ def test_ddp_equals_single_process(tmp_path):
             opt.step()
         single = params_of(model)
         ranks = [torch.load(tmp_path / f"{method}-{r}.pt") for r in range(WORLD)]
+        moved = max(float((a - b).abs().max()) for a, b in zip(single, params_of(_net())))
+        assert moved > 1e-3, f"{method}: the parameters barely moved; the comparison would be vacuous"
         assert_params_close(ranks[0], ranks[1], rtol=0, atol=0, what=f"{method} ranks")
         assert_params_close(ranks[0], single, rtol=1e-9, atol=1e-11, what=f"{method} ddp vs single")
