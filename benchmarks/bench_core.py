@@ -123,7 +123,7 @@ def _conv(repeats: int, quick: bool) -> list[Result]:
     cand()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    out.append(Result(f"numpy conv2d_mean_patch peak extra memory", "input bytes", 1.2, [peak / x.nbytes],
+    out.append(Result("numpy conv2d_mean_patch peak extra memory", "input bytes", 1.2, [peak / x.nbytes],
                       unit="memory", note=f"peak {peak / 2**20:.1f} MiB, input {x.nbytes / 2**20:.1f} MiB"))
     try:
         import torch
