@@ -30,7 +30,11 @@ def test_mac_apply_equals_dense_inverse(xp, dtype, seed, d_out, d_t, lam, scale,
     a_np, a = rand(xp, dtype, rng, d_t, scale=act, shift=act)
     out = mc.mac_apply(g, a, lam, scale=scale)
     assert_like(out, g)
-    assert_close(out, g_np @ mac_dense_preconditioner(a_np, lam, scale=scale), **tol(xp, dtype, 2))
+    # the float64 dense inverse of the oracle loses cond(ââᵀ+λI) = (λ+‖â‖²)/λ in accuracy; the
+    # rank-1 form does not, so the oracle's own error is added to the dtype's tolerance
+    oracle_err = 8 * (lam + float(a_np @ a_np)) / lam * float(np.finfo(np.float64).eps)
+    t = {k: v + oracle_err for k, v in tol(xp, dtype, 2).items()}
+    assert_close(out, g_np @ mac_dense_preconditioner(a_np, lam, scale=scale), **t)
     if scale == "inverse":  # inverse = reference / λ
         ref = to_numpy(mc.mac_apply(g, a, lam))
         assert_close(out, ref / lam, **tol(xp, dtype))
