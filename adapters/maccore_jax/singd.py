@@ -40,7 +40,14 @@ import maccore
 from maccore.singd import SingdState
 from maccore.singd import singd as _core_singd
 
-from maccore_jax.transform import Method, _check_on_nonfinite, scale_by_curvature, skip_nonfinite
+from maccore_jax.transform import (
+    Method,
+    _check_number,
+    _check_on_nonfinite,
+    _check_optimizer_args,
+    scale_by_curvature,
+    skip_nonfinite,
+)
 from maccore_jax.transform import momentum as _momentum
 
 __all__ = ["SingdLayerState", "scale_by_singd", "singd", "singd_method"]
@@ -58,13 +65,6 @@ class SingdLayerState(NamedTuple):
 
     singd: SingdState
     updates: jax.Array
-
-
-def _check_nonneg(v: Any, name: str, where: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a number, got {type(v).__name__} {v!r}")
-    if not (v >= 0 and v < float("inf")):
-        raise ValueError(f"{where}: {name} must be >= 0 and finite, got {v!r}")
 
 
 def singd_method(
@@ -92,11 +92,11 @@ def singd_method(
     if loss_average not in _LOSS_AVERAGE:
         raise ValueError(f"{where}: loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
     if reduction_factor is not None:
-        _check_nonneg(reduction_factor, "reduction_factor", where)
+        _check_number(reduction_factor, "reduction_factor", where)
         if reduction_factor == 0:
             raise ValueError(f"{where}: reduction_factor must be positive, got 0")
     if not callable(lr_cov):
-        _check_nonneg(lr_cov, "lr_cov", where)
+        _check_number(lr_cov, "lr_cov", where)
     if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
         raise ValueError(f"{where}: T must be a positive integer, got {T!r}")
     pc = _core_singd(
@@ -241,10 +241,7 @@ def singd(
     """
     where = "singd"
     _check_on_nonfinite(on_nonfinite, where)
-    _check_nonneg(momentum, "momentum", where)
-    _check_nonneg(weight_decay, "weight_decay", where)
-    if not callable(learning_rate) and not hasattr(learning_rate, "dtype"):
-        _check_nonneg(learning_rate, "learning_rate", where)
+    _check_optimizer_args(learning_rate, momentum, weight_decay, where)
     pre = scale_by_singd(
         damping=damping,
         alpha1=alpha1,

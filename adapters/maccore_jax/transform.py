@@ -551,15 +551,21 @@ def _check_number(v: Any, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name} must be >= 0 and finite, got {v!r}")
 
 
+def _check_optimizer_args(learning_rate: Any, mom: Any, weight_decay: Any, where: str) -> None:
+    """momentum and weight_decay ≥ 0 and finite; a plain-number learning rate likewise (schedules
+    and arrays are the caller's)."""
+    _check_number(mom, "momentum", where)
+    _check_number(weight_decay, "weight_decay", where)
+    if not callable(learning_rate) and not hasattr(learning_rate, "dtype"):
+        _check_number(learning_rate, "learning_rate", where)
+
+
 def _optimizer(
     pre, learning_rate, mom, nesterov, weight_decay, weight_decay_mask, on_nonfinite, where
 ):
-    _check_number(mom, "momentum", where)
-    _check_number(weight_decay, "weight_decay", where)
+    _check_optimizer_args(learning_rate, mom, weight_decay, where)
     if not isinstance(nesterov, bool):
         raise TypeError(f"{where}: nesterov must be True or False, got {nesterov!r}")
-    if not callable(learning_rate) and not hasattr(learning_rate, "dtype"):
-        _check_number(learning_rate, "learning_rate", where)
     parts = [pre, momentum(mom, nesterov=nesterov)]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
