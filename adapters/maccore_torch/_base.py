@@ -156,6 +156,27 @@ def _layer_errors(method: str, layer: Layer):
         raise renamed from exc
 
 
+def loss_terms(spec: maccore.LayerSpec, g: torch.Tensor, loss_average: str | None) -> int:
+    """Loss terms behind one output gradient ``g``: the batch size, or for
+    ``loss_average="batch+sequence"`` every position (batch × sequence / spatial)."""
+    if loss_average == "batch+sequence":
+        channels = g.shape[1] if spec.kind is maccore.LayerKind.CONV2D else g.shape[-1]
+        return g.numel() // channels
+    return g.shape[0] if g.ndim >= 2 else 1
+
+
+def unreduce(total: torch.Tensor, terms: float, reduction_factor: float | None,
+             loss_average: str | None) -> torch.Tensor:
+    """A gradient-side statistic summed over the step (``terms`` loss terms in all) divided by the
+    loss's reduction factor R: the given one, R = 1 for a summed loss (``loss_average=None``),
+    else R = 1/N for a loss averaged over its N terms."""
+    if reduction_factor is not None:
+        return total / reduction_factor
+    if loss_average is None:
+        return total
+    return total * terms
+
+
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

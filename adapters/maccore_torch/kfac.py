@@ -30,7 +30,14 @@ from torch import nn
 import maccore
 from maccore._xp import check_damping
 
-from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, _Acc
+from maccore_torch._base import (
+    XP,
+    CurvatureOptimizer,
+    HookedPreconditioner,
+    _Acc,
+    loss_terms,
+    unreduce,
+)
 from maccore_torch.attention import MhaCapture
 from maccore_torch.specs import Layer
 
@@ -114,22 +121,13 @@ class KFACPreconditioner(HookedPreconditioner):
 
     def _grad_stats(self, layer, spec, g) -> dict:
         rows = maccore.to_grad_rows(spec, g, reduce=self._reduce)
-        channels = g.shape[1] if spec.kind is maccore.LayerKind.CONV2D else g.shape[-1]
-        if self.loss_average == "batch+sequence":
-            terms = g.numel() // channels
-        else:
-            terms = g.shape[0] if g.ndim >= 2 else 1
+        terms = loss_terms(spec, g, self.loss_average)
         return {"G": (maccore.gradient_factor(rows, reduction_factor=1.0), terms, "sum")}
 
     def _finalize(self, layer: Layer, key: str, acc: _Acc) -> tuple[torch.Tensor, float]:
         if key != "G":
             return acc.value, acc.weight
-        if self.reduction_factor is not None:
-            g = acc.value / self.reduction_factor
-        elif self.loss_average is None:
-            g = acc.value
-        else:  # L averaged over the N loss terms of the step: R = 1/N
-            g = acc.value * acc.weight
+        g = unreduce(acc.value, acc.weight, self.reduction_factor, self.loss_average)
         return g / self._grad_scale_sq(), 1.0
 
     def _fold(self, layer: Layer, stats: dict) -> None:

@@ -53,7 +53,14 @@ from torch import nn
 import maccore
 from maccore.singd import SingdState
 from maccore.singd import singd as _core_singd
-from maccore_torch._base import XP, CurvatureOptimizer, HookedPreconditioner, _Acc
+from maccore_torch._base import (
+    XP,
+    CurvatureOptimizer,
+    HookedPreconditioner,
+    _Acc,
+    loss_terms,
+    unreduce,
+)
 from maccore_torch.attention import MhaCapture
 from maccore_torch.specs import Layer
 
@@ -209,24 +216,14 @@ class SINGDPreconditioner(HookedPreconditioner):
     def _grad_stats(self, layer, spec, g) -> dict:
         C = layer.state.C
         rows = maccore.to_grad_rows(spec, g, reduce=self._reduce)
-        channels = g.shape[1] if spec.kind is maccore.LayerKind.CONV2D else g.shape[-1]
-        if self.loss_average == "batch+sequence":
-            terms = g.numel() // channels
-        else:
-            terms = g.shape[0] if g.ndim >= 2 else 1
+        terms = loss_terms(spec, g, self.loss_average)
         gr = _to_dtype(rows, 1.0 / self._backward_scale(), C.dtype)  # unscaled by the GradScaler
         return {"H_C": (_flat(C.from_inner(gr.T)), terms, "sum")}
 
     def _finalize(self, layer: Layer, key: str, acc: _Acc) -> tuple[torch.Tensor, float]:
         if key != "H_C":
             return acc.value, acc.weight
-        if self.reduction_factor is not None:
-            h = acc.value / self.reduction_factor
-        elif self.loss_average is None:
-            h = acc.value
-        else:  # L averaged over the N loss terms of the step: R = 1/N
-            h = acc.value * acc.weight
-        return h, 1.0
+        return unreduce(acc.value, acc.weight, self.reduction_factor, self.loss_average), 1.0
 
     def current_lr_cov(self) -> float:
         """β1 at the current step (``lr_cov(t)`` for a schedule)."""
