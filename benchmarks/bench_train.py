@@ -45,6 +45,7 @@ try:  # installed, or on PYTHONPATH
 except ImportError:  # a plain checkout: the import package lives in adapters/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
     import maccore_torch
+from maccore_torch.demo import Attention  # the demo transformer's fused-qkv self-attention
 
 from benchmarks._harness import Result
 
@@ -87,22 +88,6 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-class Attention(nn.Module):
-    """Self-attention with a fused ``qkv`` Linear, output layout (3, H, d_h)."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
