@@ -223,19 +223,7 @@ def linear_rows(x: Array, *, bias: bool, reduce: bool = False) -> Array:
     xp = namespace(x=x, where="linear_rows", optional=())
     check_floating(xp, x, "x", "linear_rows", integer_ok=True)
     check_flag(bias, "bias", "linear_rows"), check_flag(reduce, "reduce", "linear_rows")
-    if x.ndim < 1:
-        raise ValueError(f"linear_rows: argument 'x' must have at least 1 dimension, got shape {shape_str(x)}")
-    d_in = x.shape[-1]
-    if d_in == 0:
-        raise ValueError(f"linear_rows: argument 'x' of shape {shape_str(x)} has no features")
-    if x.ndim == 1:
-        x = xp.reshape(x, (1, d_in))
-    if reduce and x.ndim > 2:
-        if any(s == 0 for s in x.shape):
-            raise ValueError(f"linear_rows: argument 'x' of shape {shape_str(x)} is empty (reduce=True)")
-        n = x.shape[0]
-        x = xp.mean(xp.reshape(x, (n, -1, d_in)), axis=1)
-    rows = xp.reshape(x, (-1, d_in))
+    rows = _feature_rows(xp, x, "x", "linear_rows", "features", xp.mean if reduce else None)
     return _append_ones(xp, rows) if bias else rows
 
 
@@ -247,18 +235,24 @@ def grad_rows(g: Array, *, reduce: bool = False) -> Array:
     xp = namespace(g=g, where="grad_rows", optional=())
     check_floating(xp, g, "g", "grad_rows", integer_ok=True)
     check_flag(reduce, "reduce", "grad_rows")
-    if g.ndim < 1:
-        raise ValueError(f"grad_rows: argument 'g' must have at least 1 dimension, got shape {shape_str(g)}")
-    d_out = g.shape[-1]
-    if d_out == 0:
-        raise ValueError(f"grad_rows: argument 'g' of shape {shape_str(g)} has no output features")
-    if g.ndim == 1:
-        g = xp.reshape(g, (1, d_out))
-    if reduce and g.ndim > 2:
-        if any(s == 0 for s in g.shape):
-            raise ValueError(f"grad_rows: argument 'g' of shape {shape_str(g)} is empty (reduce=True)")
-        g = xp.sum(xp.reshape(g, (g.shape[0], -1, d_out)), axis=1)
-    return xp.reshape(g, (-1, d_out))
+    return _feature_rows(xp, g, "g", "grad_rows", "output features", xp.sum if reduce else None)
+
+
+def _feature_rows(xp: Any, t: Array, arg: str, where: str, what: str, pool: Any) -> Array:
+    """``[..., d]`` → ``[R, d]`` rows (a 1-D ``t`` is one row); with ``pool`` (``xp.mean`` or
+    ``xp.sum``) a ``[N, S..., d]`` array is first pooled over its shared axes S → ``[N, d]``."""
+    if t.ndim < 1:
+        raise ValueError(f"{where}: argument '{arg}' must have at least 1 dimension, got shape {shape_str(t)}")
+    d = t.shape[-1]
+    if d == 0:
+        raise ValueError(f"{where}: argument '{arg}' of shape {shape_str(t)} has no {what}")
+    if t.ndim == 1:
+        t = xp.reshape(t, (1, d))
+    if pool is not None and t.ndim > 2:
+        if any(s == 0 for s in t.shape):
+            raise ValueError(f"{where}: argument '{arg}' of shape {shape_str(t)} is empty (reduce=True)")
+        t = pool(xp.reshape(t, (t.shape[0], -1, d)), axis=1)
+    return xp.reshape(t, (-1, d))
 
 
 def _check_conv_input(x: Array, where: str, name: str = "x") -> None:
