@@ -33,29 +33,26 @@ TRANSFORMER_QUICK = {"d_model": 16, "heads": 2, "layers": 1, "mlp_ratio": 2}
 #: Gradient-norm clipping of the raw gradients (before preconditioning), per model; all methods.
 CLIP_NORM = {"transformer": 1.0}
 
+
+def _digits_hparams() -> dict[str, dict[str, Any]]:
+    """The two digits models (MLP, CNN) share their hyper-parameters; a fresh dict per model."""
+    return {
+        "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
+        "mac": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
+                "damping": 1.0, "t_cov": 5, "t_inv": 10},
+        "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
+                 "damping": 0.1, "t_cov": 5, "t_inv": 10},
+        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 0.1,
+                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
+    }
+
+
 #: Hyper-parameters per (model, method). Names follow ``maccore_torch``; the jax demo maps them.
 #: MAC uses its published defaults except t_inv (refreshed more often on these short runs).
 HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
-    "mlp": {
-        "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-        "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
-        "mac": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
-                "damping": 1.0, "t_cov": 5, "t_inv": 10},
-        "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
-                 "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 0.1,
-                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
-    },
-    "cnn": {
-        "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-        "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
-        "mac": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
-                "damping": 1.0, "t_cov": 5, "t_inv": 10},
-        "kfac": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "stat_decay": 0.95,
-                 "damping": 0.1, "t_cov": 5, "t_inv": 10},
-        "singd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "damping": 0.1,
-                  "alpha1": 0.5, "lr_cov": 0.05, "T": 5},
-    },
+    "mlp": _digits_hparams(),
+    "cnn": _digits_hparams(),
     "transformer": {
         "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
         "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
