@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 MODELS = ("mlp", "cnn", "transformer")
 METHODS = ("sgd", "adamw", "mac", "kfac", "singd")
@@ -310,6 +310,26 @@ def plot(results: Sequence[RunResult], path: Path) -> Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def run_pairs(cfg: DemoConfig, train_one: Callable[[str, str, dict[str, Any], DemoConfig], RunResult],
+              log: Callable[[str], None]) -> list[RunResult]:
+    """Train every requested (model, method) pair with an adapter's ``train_one``, log one line per
+    pair (with its note, if any), write the table, JSON and plot; return the rows."""
+    results = []
+    for model_name in cfg.models:
+        data = load_data(model_name, cfg)
+        for method in cfg.methods:
+            r = train_one(model_name, method, data, cfg)
+            results.append(r)
+            if r.status == "ok":
+                log(f"  {model_name:>11s} {method:>5s}: loss {r.final_train_loss:.4f}  "
+                    f"test acc {100 * r.test_accuracy:.1f}%  {r.wall_clock_s:.2f}s"
+                    + (f" ({r.reason})" if r.reason else ""))
+            else:
+                log(f"  {model_name:>11s} {method:>5s}: {r.status} ({r.reason})")
+    write_outputs(results, cfg)
+    return results
 
 
 def write_outputs(results: Sequence[RunResult], cfg: DemoConfig, *, extra: str = "") -> dict[str, Path]:

@@ -320,16 +320,4 @@ def run(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> list[RunResul
     """Run every requested (model, method) pair, print the table, write the plot; return the rows."""
     log(f"maccore demo (jax {jax.__version__} on {jax.devices()[0].platform}, seed {cfg.seed}"
         f"{', quick' if cfg.quick else ''})")
-    results = []
-    for model_name in cfg.models:
-        data = _demo.load_data(model_name, cfg)
-        for method in cfg.methods:
-            r = train_one(model_name, method, data, cfg)
-            results.append(r)
-            if r.status == "ok":
-                log(f"  {model_name:>11s} {method:>5s}: loss {r.final_train_loss:.4f}  "
-                    f"test acc {100 * r.test_accuracy:.1f}%  {r.wall_clock_s:.2f}s ({r.reason})")
-            else:
-                log(f"  {model_name:>11s} {method:>5s}: {r.status} ({r.reason})")
-    _demo.write_outputs(results, cfg)
-    return results
+    return _demo.run_pairs(cfg, train_one, log)
