@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -139,6 +140,19 @@ class RunResult:
     curve_time: list[float] = field(default_factory=list)
     curve_loss: list[float] = field(default_factory=list)
 
+    def fail(self, exc: BaseException, *, show_traceback: bool) -> RunResult:
+        """Mark the run failed with ``exc`` (and print its traceback when asked); returns self."""
+        self.status = "failed"
+        self.reason = f"{type(exc).__name__}: {exc}"
+        if show_traceback:
+            traceback.print_exc()
+        return self
+
+    def take_curve(self, curve: Curve) -> None:
+        """Copy the training wall-clock and the recorded loss curve."""
+        self.wall_clock_s = curve.elapsed
+        self.curve_step, self.curve_time, self.curve_loss = curve.steps, curve.times, curve.losses
+
 
 # ------------------------------------------------------------------------------------------------
 # Data (NumPy; the adapters convert)
@@ -235,6 +249,9 @@ class Curve:
         self.elapsed += time.perf_counter() - self._t0
 
     def record(self, step: int, loss: float) -> None:
+        """Add one step's loss; a NaN/Inf loss raises ``FloatingPointError`` (the run failed)."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}")
         self._ema = loss if self._ema is None else 0.9 * self._ema + 0.1 * loss
         if step % self.every == 0:
             self.steps.append(step)

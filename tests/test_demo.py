@@ -150,3 +150,21 @@ def test_torch_state_bytes_counts_maccore_state():
     assert sizes["sgd"] == 4 * n_params  # one momentum buffer per parameter
     # MAC: the same momentum buffers plus at least one float32 mean of length d̃ per layer
     assert sizes["mac"] >= 4 * n_params + 4 * (65 + 129 + 65)
+
+
+def test_curve_rejects_nonfinite_loss_and_fail_marks_the_row():
+    """A NaN/Inf loss stops a run: Curve.record raises, RunResult.fail turns it into a failed row."""
+    from maccore import _demo
+
+    curve = _demo.Curve()
+    curve.record(0, 1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="loss became"):
+            curve.record(1, bad)
+    assert curve.losses == [1.0]
+    res = _demo.RunResult("torch", "mlp", "mac", "ok")
+    try:
+        curve.record(3, float("nan"))
+    except FloatingPointError as exc:
+        assert res.fail(exc, show_traceback=False) is res
+    assert res.status == "failed" and res.reason == "FloatingPointError: loss became nan at step 3"

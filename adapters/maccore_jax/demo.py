@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from typing import Any, Callable
 
 import jax
@@ -238,8 +237,7 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
         res.status, res.reason = "unavailable", str(exc)
         return res
     except Exception as exc:
-        res.status, res.reason = "failed", f"{type(exc).__name__}: {exc}"
-        return res
+        return res.fail(exc, show_traceback=False)
 
     def loss_fn(p, perturb, xb, yb):
         logits, tape = forward(model_name, info, p, xb, perturb)
@@ -279,23 +277,16 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
             params, opt_state, loss = compiled(params, opt_state, xb, yb)
             value = float(loss)  # waits for the step
             curve.stop()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {i}")
             curve.record(i, value)
     except Exception as exc:
-        res.status = "failed"
-        res.reason = f"{type(exc).__name__}: {exc}"
-        if cfg.progress:
-            traceback.print_exc()
-        return res
+        return res.fail(exc, show_traceback=cfg.progress)
     res.final_train_loss, _ = _evaluate(model_name, info, params, x_tr, y_tr)
     _, res.test_accuracy = _evaluate(model_name, info, params, _to_input(model_name, data["x_test"]),
                                      data["y_test"])
-    res.wall_clock_s = curve.elapsed
+    res.take_curve(curve)
     res.state_bytes = state_bytes(opt_state)
     res.steps = len(batches)
     res.reason = f"compile {compile_s:.1f}s (not in wall-clock)" + (f"; {note}" if note else "")
-    res.curve_step, res.curve_time, res.curve_loss = curve.steps, curve.times, curve.losses
     return res
 
 

@@ -9,7 +9,6 @@ declared as attention for MAC) on a generated sorting task, with SGD(momentum), 
 from __future__ import annotations
 
 import math
-import traceback
 from typing import Any, Callable
 
 import torch
@@ -238,8 +237,7 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
         res.status, res.reason = "unavailable", str(exc)
         return res
     except Exception as exc:
-        res.status, res.reason = "failed", f"{type(exc).__name__}: {exc}"
-        return res
+        return res.fail(exc, show_traceback=False)
     x_tr = torch.as_tensor(data["x_train"])
     y_tr = torch.as_tensor(data["y_train"])
     epochs = cfg.epochs_for(model_name)
@@ -260,23 +258,16 @@ def train_one(model_name: str, method: str, data: dict[str, Any], cfg: DemoConfi
             opt.step()
             value = loss.item()  # synchronises, so the clock covers the whole step
             curve.stop()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {step}")
             curve.record(step, value)
     except Exception as exc:
-        res.status = "failed"
-        res.reason = f"{type(exc).__name__}: {exc}"
-        if cfg.progress:
-            traceback.print_exc()
-        return res
+        return res.fail(exc, show_traceback=cfg.progress)
     res.final_train_loss, _ = _evaluate(model, model_name, x_tr, y_tr)
     _, res.test_accuracy = _evaluate(model, model_name, torch.as_tensor(data["x_test"]),
                                      torch.as_tensor(data["y_test"]))
-    res.wall_clock_s = curve.elapsed
+    res.take_curve(curve)
     res.reason = getattr(opt, "_maccore_demo_note", "")
     res.state_bytes = state_bytes(opt, model)
     res.steps = len(batches)
-    res.curve_step, res.curve_time, res.curve_loss = curve.steps, curve.times, curve.losses
     return res
 
 
