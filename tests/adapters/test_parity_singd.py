@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adapters._jax_common import CNN, MLP, to_np
 from tests.adapters.test_parity_torch_jax import (
     PAIRS,
     TorchCNN,
     TorchMLP,
+    assert_same_trajectory,
     data,
     flax_params,
-    loss_jax,
+    jax_model_layers,
     loss_torch,
+    run_jax,
 )
 
 torch = pytest.importorskip("torch")
 maccore_torch = pytest.importorskip("maccore_torch")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-import maccore_jax as mj  # noqa: E402
 from maccore_jax.singd import singd as jax_singd  # noqa: E402
 from maccore_torch.singd import SINGD  # noqa: E402
 
@@ -55,28 +51,9 @@ def train_torch(kind, cfg, tmodel):
 
 def train_jax(kind, cfg, params):
     cfg = dict(cfg)
-    model = MLP() if kind == "mlp" else CNN()
-    x0 = data(kind)[0][0] if kind == "mlp" else data(kind)[0][0].transpose(0, 2, 3, 1)
-    layers = mj.linen.layer_specs(model, {"params": params}, jnp.asarray(x0))
+    model, layers = jax_model_layers(kind, params)
     tx = jax_singd(cfg.pop("lr"), **cfg, layers=layers)
-
-    @jax.jit
-    def step(p, s, x, y):
-        perts = mj.linen.output_zeros(model, {"params": p}, x)
-
-        def loss(p, q):
-            out, acts = mj.linen.apply(model, {"params": p}, x, perturbations=q)
-            return loss_jax(out, y), acts
-
-        (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, perts)
-        u, s = tx.update(g, s, p, activations=acts, output_grads=go)
-        return optax.apply_updates(p, u), s
-
-    state = tx.init(params)
-    for x, y in data(kind):
-        x = x if kind == "mlp" else x.transpose(0, 2, 3, 1)  # NCHW → NHWC
-        params, state = step(params, state, jnp.asarray(x), jnp.asarray(y))
-    return params
+    return run_jax(kind, model, tx, params, output_grads=True)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -87,14 +64,4 @@ def test_singd_torch_and_jax_trajectories_agree(kind, case):
     start = flax_params(tmodel, PAIRS[kind])
     final_jax = train_jax(kind, CASES[case], start)
     final_torch = flax_params(train_torch(kind, CASES[case], tmodel), PAIRS[kind])
-    moved = max(
-        float(np.max(np.abs(to_np(a) - to_np(b))))
-        for a, b in zip(jax.tree.leaves(final_torch), jax.tree.leaves(start))
-    )
-    assert moved > 1e-3, "training did not move the weights"
-    for (path, a), b in zip(
-        jax.tree_util.tree_flatten_with_path(final_jax)[0], jax.tree.leaves(final_torch)
-    ):
-        np.testing.assert_allclose(
-            to_np(a), to_np(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
-        )
+    assert_same_trajectory(start, final_torch, final_jax)

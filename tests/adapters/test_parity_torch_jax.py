@@ -147,17 +147,20 @@ def train_torch(kind, case, tmodel):
     return tmodel
 
 
-def train_jax(kind, case, params):
-    cfg = CASES[case]
+def jax_model_layers(kind, params):
+    """The flax model of ``kind`` and its layer declarations (found from one forward)."""
     model = MLP() if kind == "mlp" else CNN()
-    is_kfac = case.startswith("kfac")
     x0 = data(kind)[0][0] if kind == "mlp" else data(kind)[0][0].transpose(0, 2, 3, 1)
-    layers = mj.linen.layer_specs(model, {"params": params}, jnp.asarray(x0))
-    tx = (mj.kfac if is_kfac else mj.mac)(**cfg["common"], **cfg["jax"], layers=layers)
+    return model, mj.linen.layer_specs(model, {"params": params}, jnp.asarray(x0))
+
+
+def run_jax(kind, model, tx, params, *, output_grads):
+    """Train ``params`` with the optax transform ``tx`` on ``data(kind)``, one jitted step per
+    batch; ``output_grads``: also pass the layers' output gradients (KFAC, SINGD)."""
 
     @jax.jit
     def step(p, s, x, y):
-        perts = mj.linen.output_zeros(model, {"params": p}, x) if is_kfac else None
+        perts = mj.linen.output_zeros(model, {"params": p}, x) if output_grads else None
 
         def loss(p, q):
             out, acts = mj.linen.apply(model, {"params": p}, x, perturbations=q)
@@ -174,14 +177,8 @@ def train_jax(kind, case, params):
     return params
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_torch_and_jax_trajectories_agree(kind, case):
-    torch.manual_seed(0)
-    tmodel = TorchMLP() if kind == "mlp" else TorchCNN()
-    start = flax_params(tmodel, PAIRS[kind])
-    final_jax = train_jax(kind, case, start)
-    final_torch = flax_params(train_torch(kind, case, tmodel), PAIRS[kind])
+def assert_same_trajectory(start, final_torch, final_jax):
+    """Both frameworks moved the weights, and to the same place (float32: rtol 2e-4)."""
     moved = max(
         float(np.max(np.abs(to_np(a) - to_np(b))))
         for a, b in zip(jax.tree.leaves(final_torch), jax.tree.leaves(start))
@@ -193,3 +190,22 @@ def test_torch_and_jax_trajectories_agree(kind, case):
         np.testing.assert_allclose(
             to_np(a), to_np(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def train_jax(kind, case, params):
+    cfg = CASES[case]
+    is_kfac = case.startswith("kfac")
+    model, layers = jax_model_layers(kind, params)
+    tx = (mj.kfac if is_kfac else mj.mac)(**cfg["common"], **cfg["jax"], layers=layers)
+    return run_jax(kind, model, tx, params, output_grads=is_kfac)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_and_jax_trajectories_agree(kind, case):
+    torch.manual_seed(0)
+    tmodel = TorchMLP() if kind == "mlp" else TorchCNN()
+    start = flax_params(tmodel, PAIRS[kind])
+    final_jax = train_jax(kind, case, start)
+    final_torch = flax_params(train_torch(kind, case, tmodel), PAIRS[kind])
+    assert_same_trajectory(start, final_torch, final_jax)
