@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("jax")
 
 from tests.adapters import torch_helpers  # noqa: E402,F401  (adapter import path)
-from tests.adapters._jax_common import CNN, MLP, to_np  # noqa: E402
+from tests.adapters._jax_common import to_np  # noqa: E402
 from tests.adapters.test_parity_torch_jax import flax_params as _aliased_flax_params  # noqa: E402
 from tests.adapters.test_parity_torch_jax import (  # noqa: E402
     PAIRS,
@@ -28,7 +28,8 @@ from tests.adapters.test_parity_torch_jax import (  # noqa: E402
     TorchCNN,
     TorchMLP,
     data,
-    loss_jax,
+    jax_model_layers,
+    jax_stepper,
     loss_torch,
 )
 
@@ -82,31 +83,9 @@ def _torch_steps(model, opt, batches):
 
 
 def _jax_setup(kind, method, params):
-    model = MLP() if kind == "mlp" else CNN()
-    x0 = data(kind)[0][0] if kind == "mlp" else data(kind)[0][0].transpose(0, 2, 3, 1)
-    layers = mj.linen.layer_specs(model, {"params": params}, jnp.asarray(x0))
+    model, layers = jax_model_layers(kind, params)
     tx = _jax_tx(method, layers)
-    kfac = method == "kfac"
-
-    @jax.jit
-    def step(p, s, x, y):
-        perts = mj.linen.output_zeros(model, {"params": p}, x) if kfac else None
-
-        def loss(p, q):
-            out, acts = mj.linen.apply(model, {"params": p}, x, perturbations=q)
-            return loss_jax(out, y), acts
-
-        (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, perts)
-        u, s = tx.update(g, s, p, activations=acts, output_grads=go)
-        return optax.apply_updates(p, u), s
-
-    def run(p, s, batches):
-        for x, y in batches:
-            x = x if kind == "mlp" else x.transpose(0, 2, 3, 1)
-            p, s = step(p, s, jnp.asarray(x), jnp.asarray(y))
-        return p, s
-
-    return tx, layers, run
+    return tx, layers, jax_stepper(kind, model, tx, output_grads=method == "kfac")
 
 
 def _to_torch(model, params, pairs):
@@ -417,25 +396,9 @@ def test_singd_torch_to_jax_continues_the_torch_trajectory(tmp_path):
     _torch_steps(tmodel, opt, batches[SPLIT:])
     final_torch = flax_params(tmodel, PAIRS["mlp"])
 
-    model = MLP()
-    layers = mj.linen.layer_specs(model, {"params": mid}, jnp.asarray(batches[0][0]))
+    model, layers = jax_model_layers("mlp", mid)
     cfg = dict(SINGD_CFG)
     tx = singd_jax.singd(cfg.pop("lr"), **cfg, layers=layers)
-
-    @jax.jit
-    def step(p, s, x, y):
-        perts = mj.linen.output_zeros(model, {"params": p}, x)
-
-        def loss(p, q):
-            out, acts = mj.linen.apply(model, {"params": p}, x, perturbations=q)
-            return loss_jax(out, y), acts
-
-        (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, perts)
-        u, s = tx.update(g, s, p, activations=acts, output_grads=go)
-        return optax.apply_updates(p, u), s
-
     state = mj.load_portable(tmp_path / "s.npz", tx.init(mid), layers=layers)
-    p = mid
-    for x, y in batches[SPLIT:]:
-        p, state = step(p, state, jnp.asarray(x), jnp.asarray(y))
+    p, _ = jax_stepper("mlp", model, tx, output_grads=True)(mid, state, batches[SPLIT:])
     _assert_tree_close(p, final_torch)

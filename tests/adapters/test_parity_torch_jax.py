@@ -154,9 +154,10 @@ def jax_model_layers(kind, params):
     return model, mj.linen.layer_specs(model, {"params": params}, jnp.asarray(x0))
 
 
-def run_jax(kind, model, tx, params, *, output_grads):
-    """Train ``params`` with the optax transform ``tx`` on ``data(kind)``, one jitted step per
-    batch; ``output_grads``: also pass the layers' output gradients (KFAC, SINGD)."""
+def jax_stepper(kind, model, tx, *, output_grads):
+    """``run(params, state, batches) -> (params, state)``: one jitted step of the optax transform
+    ``tx`` per batch of ``kind``; ``output_grads``: also pass the layers' output gradients (KFAC,
+    SINGD)."""
 
     @jax.jit
     def step(p, s, x, y):
@@ -170,11 +171,19 @@ def run_jax(kind, model, tx, params, *, output_grads):
         u, s = tx.update(g, s, p, activations=acts, output_grads=go)
         return optax.apply_updates(p, u), s
 
-    state = tx.init(params)
-    for x, y in data(kind):
-        x = x if kind == "mlp" else x.transpose(0, 2, 3, 1)  # NCHW → NHWC
-        params, state = step(params, state, jnp.asarray(x), jnp.asarray(y))
-    return params
+    def run(p, s, batches):
+        for x, y in batches:
+            x = x if kind == "mlp" else x.transpose(0, 2, 3, 1)  # NCHW → NHWC
+            p, s = step(p, s, jnp.asarray(x), jnp.asarray(y))
+        return p, s
+
+    return run
+
+
+def run_jax(kind, model, tx, params, *, output_grads):
+    """Train ``params`` with ``tx`` from its initial state on every batch of ``data(kind)``."""
+    run = jax_stepper(kind, model, tx, output_grads=output_grads)
+    return run(params, tx.init(params), data(kind))[0]
 
 
 def assert_same_trajectory(start, final_torch, final_jax):
