@@ -72,6 +72,18 @@ def load_backend(name: str):
     raise AssertionError(name)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny kernels: one torch thread is fastest and robust to a busy host (restored afterwards).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=_selected_backends())
 def xp(request):
     return load_backend(request.param)

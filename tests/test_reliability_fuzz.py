@@ -33,13 +33,7 @@ import maccore_torch as mt  # noqa: E402
 ALLOWED = (ValueError, TypeError, maccore.DecompositionError)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny kernels: one thread is fastest and robust to a busy host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FUZZ = settings(
     max_examples=60,
     deadline=None,
