@@ -26,12 +26,15 @@ from maccore.mac import (
     attention_weighted_mean,
     gradient_diagonal,
     mac,
+    first_layer_apply,
     mac_apply,
     mean_activation,
     split_qkv,
 )
 from maccore import structures
 from maccore.singd import SingdState, singd, singd_statistics
+from maccore import engine
+from maccore.engine import CurvatureMethod, kfac_method, mac_method, singd_method
 from maccore.rows import (
     ConvSpec,
     KFACType,
@@ -54,6 +57,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvSpec",
+    "CurvatureMethod",
     "DecompositionError",
     "EmaState",
     "KFACType",
@@ -74,6 +78,8 @@ __all__ = [
     "ema_debiased",
     "ema_init",
     "ema_update",
+    "engine",
+    "first_layer_apply",
     "grad_matrix",
     "grad_rows",
     "gradient_diagonal",
@@ -83,12 +89,15 @@ __all__ = [
     "kfac",
     "kfac_apply",
     "kfac_dense",
+    "kfac_method",
     "linear_rows",
     "mac",
     "mac_apply",
+    "mac_method",
     "mean_activation",
     "pi_dampings",
     "singd",
+    "singd_method",
     "singd_statistics",
     "split_grad_matrix",
     "split_qkv",

@@ -48,36 +48,6 @@ def _blas_ger(dtype: Any) -> Any:
     return _GER[key]
 
 
-def rank1_update_standard(xp: Any, g: Array, a: Array, coef: Array) -> Array:
-    """``g − (g @ a) coefᵀ`` with standard operations only."""
-    ga = g @ a
-    return g - xp.reshape(ga, (-1, 1)) * xp.reshape(coef, (1, -1))
-
-
-def rank1_update(xp: Any, g: Array, a: Array, coef: Array) -> Array:
-    """``g − (g @ a) coefᵀ`` for ``g [m, n]``, ``a, coef [n]``; never forms an n×n matrix.
-
-    NumPy: a cache-blocked loop (one read and one write of ``g``; BLAS ``?ger`` through SciPy when
-    it is installed; :func:`rank1_rows_numpy`). torch: the same loop on CPU tensors that can share
-    memory with NumPy (:func:`_cpu_blas_ok`), else ``addr`` (a fused rank-1 update). Everything
-    else: :func:`rank1_update_standard`.
-    """
-    if compat.is_numpy_namespace(xp):
-        return _rank1_numpy(g, a, coef)
-    if compat.is_torch_namespace(xp):
-        import torch  # only reached when the caller already uses torch
-
-        if _cpu_blas_ok(g, a, coef):
-            import numpy as np
-
-            out = torch.empty_like(g, memory_format=torch.contiguous_format)
-            with np.errstate(all="ignore"):  # torch semantics: inf/nan propagate without warnings
-                rank1_rows_numpy(g.numpy(), a.numpy(), coef.numpy(), out.numpy())
-            return out
-        return torch.addr(g, g @ a, coef, alpha=-1)
-    return rank1_update_standard(xp, g, a, coef)
-
-
 # Smallest gradient (elements) for which torch CPU tensors take the NumPy/BLAS kernel: below it the
 # per-call overhead of the blocked loop outweighs torch's mv + addr.
 _CPU_BLAS_MIN = 1 << 18
@@ -109,15 +79,6 @@ def _np_dtype(t: Array) -> Any:
     import torch
 
     return np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)
-
-
-def _rank1_numpy(g: Array, a: Array, coef: Array, *, blas: bool = True) -> Array:
-    """Cache-blocked ``g − (g a) coefᵀ`` into a new C-ordered array (:func:`rank1_rows_numpy`)."""
-    import numpy as np
-
-    out = np.empty_like(g, order="C")
-    rank1_rows_numpy(g, a, coef, out, blas=blas)
-    return out
 
 
 def rank1_rows_numpy(g: Array, a: Array, coef: Array, out: Array, *, gb: Array | None = None,
@@ -183,55 +144,101 @@ def softmax_last(xp: Any, x: Array) -> Array | None:
     return None
 
 
-def rank1_update_split_standard(xp: Any, gw: Array, gb: Array | None, a: Array, coef: Array
-                                ) -> tuple[Array, Array | None]:
-    """:func:`rank1_update_split` with standard operations only."""
+def mac_rank1_standard(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array,
+                       row_scale: Any) -> tuple[Array, Array | None]:
+    """``row_scale ⊙ (G̃ − inv·(G̃ a) aᵀ)`` for ``G̃ = [gw | gb]`` with standard operations only,
+    returned split as ``(weight part, bias part)`` (``gb=None``: ``gw`` is the whole matrix).
+
+    ``a [n (+1)]`` with ``inv`` 0-d, or ``a [H, n (+1)]`` with ``inv [H, 1]`` (row block h of H
+    equal blocks uses ``a[h]``); ``row_scale``: ``None``, a number, a 0-d array or ``[d_out]``.
+    """
     d_out, n = gw.shape
     if a.ndim == 1:
-        v = gw @ a[:n]
+        v = (gw @ a[:n]) if gb is None else (gw @ a[:n] + gb * a[n])
+        v = v * xp.reshape(inv, ())
+        new_w = gw - xp.reshape(v, (d_out, 1)) * xp.reshape(a[:n], (1, n))
+        new_b = None if gb is None else gb - v * a[n]
+    else:
+        h = a.shape[0]
+        r = d_out // h
+        gh = xp.reshape(gw, (h, r, n))
+        v = gh @ xp.reshape(a[:, :n], (h, n, 1))  # [H, r, 1]
         if gb is not None:
-            v = v + gb * a[n]
-        new_w = gw - xp.reshape(v, (d_out, 1)) * xp.reshape(coef[:n], (1, n))
-        return new_w, (None if gb is None else gb - v * coef[n])
-    h = a.shape[0]
-    r = d_out // h
-    gh = xp.reshape(gw, (h, r, n))
-    v = gh @ xp.reshape(a[:, :n], (h, n, 1))  # [H, r, 1]
-    if gb is not None:
-        v = v + xp.reshape(gb, (h, r, 1)) * xp.reshape(a[:, n], (h, 1, 1))
-    new_w = xp.reshape(gh - v * xp.reshape(coef[:, :n], (h, 1, n)), (d_out, n))
-    if gb is None:
-        return new_w, None
-    new_b = xp.reshape(xp.reshape(gb, (h, r)) - xp.reshape(v, (h, r)) * xp.reshape(coef[:, n], (h, 1)), (d_out,))
+            v = v + xp.reshape(gb, (h, r, 1)) * xp.reshape(a[:, n], (h, 1, 1))
+        v = v * xp.reshape(inv, (h, 1, 1))
+        new_w = xp.reshape(gh - v * xp.reshape(a[:, :n], (h, 1, n)), (d_out, n))
+        new_b = None if gb is None else xp.reshape(
+            xp.reshape(gb, (h, r)) - xp.reshape(v, (h, r)) * xp.reshape(a[:, n], (h, 1)), (d_out,))
+    if row_scale is not None:
+        per_row = getattr(row_scale, "ndim", 0) == 1
+        new_w = new_w * (xp.reshape(row_scale, (d_out, 1)) if per_row else row_scale)
+        if new_b is not None:
+            new_b = new_b * row_scale
     return new_w, new_b
 
 
-def rank1_update_split(xp: Any, gw: Array, gb: Array | None, a: Array, coef: Array, *,
-                       inplace: bool = False) -> tuple[Array, Array | None]:
-    """``G̃ − (G̃ a) coefᵀ`` for ``G̃ = [gw | gb]`` returned split as ``(weight part, bias part)``,
-    without concatenating ``gw`` and ``gb`` (the bias column is last, as in :func:`maccore.grad_matrix`).
+def mac_rank1(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array, row_scale: Any,
+              *, inplace: bool = False) -> tuple[Array, Array | None] | None:
+    """The native fast paths behind :func:`maccore.mac_apply` (the contract of
+    :func:`mac_rank1_standard`; every operand already in one float dtype), or ``None`` where the
+    caller takes the standard path.
 
-    ``gw [d_out, n]``, ``gb [d_out]`` or ``None``; ``a``, ``coef`` ``[n + (gb is not None)]``, or
-    ``[H, n (+1)]``: row block h of H equal blocks uses ``a[h]``, ``coef[h]``.
-
-    torch: ``mv``/``bmm`` + fused ``addr``/``baddbmm`` and ``addcmul``; ``inplace=True`` writes the
-    result into ``gw`` and ``gb`` (a contiguous ``gw``; no allocation but the ``[d_out]`` vector
-    ``G̃ a``). Everything else (and ``inplace=False`` arrays of other libraries):
-    :func:`rank1_update_split_standard`.
+    NumPy (one factor, C-contiguous float32/64): the cache-blocked :func:`rank1_rows_numpy` (BLAS
+    ``?ger`` through SciPy). torch: the same kernel on CPU tensors that can share memory with NumPy
+    (:func:`_cpu_blas_ok`), else fused ``mv``/``addr`` (``bmm``/``baddbmm`` per head).
+    ``inplace=True`` writes the result into ``gw``/``gb`` and returns them.
     """
-    if compat.is_torch_namespace(xp):
-        return _rank1_split_torch(gw, gb, a, coef, inplace)
-    return rank1_update_split_standard(xp, gw, gb, a, coef)
-
-
-def _rank1_split_torch(gw: Array, gb: Array | None, a: Array, coef: Array, inplace: bool
-                       ) -> tuple[Array, Array | None]:
     n = gw.shape[1]
-    if gb is None:
-        return rank1_split_torch_parts(gw, None, a, None, coef, None, inplace=inplace)
-    if a.ndim == 1:
-        return rank1_split_torch_parts(gw, gb, a[:n], a[n], coef[:n], coef[n], inplace=inplace)
-    return rank1_split_torch_parts(gw, gb, a[:, :n], a[:, n], coef[:, :n], coef[:, n], inplace=inplace)
+    if compat.is_numpy_namespace(xp):
+        import numpy as np
+
+        if (a.ndim != 1 or gw.dtype not in (np.float32, np.float64) or not gw.flags.c_contiguous
+                or a.dtype != gw.dtype or (gb is not None and gb.dtype != gw.dtype)):
+            return None
+        out = gw if inplace else np.empty_like(gw, order="C")
+        bout = None if gb is None else (gb if inplace else np.empty_like(gb))
+        with np.errstate(all="ignore"):
+            rank1_rows_numpy(gw, a[:n], a[:n], out, gb=gb,
+                             ab=0.0 if gb is None else a[n], cb=0.0 if gb is None else a[n],
+                             gb_out=bout, scale=np.asarray(inv, dtype=gw.dtype).reshape(()))
+            if row_scale is not None:
+                rs = np.asarray(row_scale, dtype=out.dtype)
+                np.multiply(out, rs if rs.ndim == 0 else rs[:, None], out=out)
+                if bout is not None:
+                    np.multiply(bout, rs, out=bout)
+        return out, bout
+    if compat.is_torch_namespace(xp):
+        aw, ab = (a, None) if gb is None else (a[..., :n], a[..., n])
+        out, bout = rank1_split_torch_parts(gw, gb, aw, ab, aw, ab, inplace=inplace,
+                                            scale=inv.reshape(()) if a.ndim == 1 else inv)
+        if row_scale is not None:
+            per_row = getattr(row_scale, "ndim", 0) == 1
+            rw = row_scale.unsqueeze(1) if per_row else row_scale
+            if inplace:
+                out.mul_(rw)
+                if bout is not None:
+                    bout.mul_(row_scale)
+            else:
+                out = out * rw
+                bout = None if bout is None else bout * row_scale
+        return out, bout
+    return None
+
+
+def write_into(xp: Any, out: Array, value: Array) -> Array:
+    """Copy ``value`` into the existing array ``out`` (NumPy, CuPy, torch: mutable arrays) and
+    return ``out``; namespaces with immutable arrays (JAX) raise ``TypeError``."""
+    if compat.is_torch_namespace(xp):
+        import torch
+
+        with torch.no_grad():
+            out.copy_(value)
+        return out
+    if compat.is_numpy_namespace(xp) or compat.is_cupy_namespace(xp):
+        out[...] = value
+        return out
+    raise TypeError(f"out= needs a mutable array (NumPy, CuPy, torch); {type(out).__name__} arrays "
+                    "are immutable: use the returned value")
 
 
 def rank1_split_torch_parts(gw: Array, gb: Array | None, aw: Array, ab: Array | None, cw: Array,

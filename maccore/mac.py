@@ -44,6 +44,7 @@ __all__ = [
     "split_qkv",
     "attention_weighted_mean",
     "mac_apply",
+    "first_layer_apply",
     "mac",
     "MAC_SCALES",
 ]
@@ -206,11 +207,19 @@ def mac_apply(
     *,
     grad_diag: Array | None = None,
     scale: str = "reference",
-) -> Array:
+    grad_bias: Array | None = None,
+    out: Any = None,
+) -> Any:
     """Apply the damped MAC inverse to a gradient matrix in rank-1 form.
 
+    The one implementation of MAC's update: every adapter calls it, and the native fast paths
+    (a cache-blocked BLAS kernel for NumPy and large CPU tensors, fused torch kernels) live behind
+    it in the delegation layer, each tested against the standard-only path.
+
     Args:
-        grad_mat: ``[d_out, d̃]`` gradient matrix (bias last).
+        grad_mat: ``[d_out, d̃]`` gradient matrix (bias last); or, with ``grad_bias``, only its
+            weight part ``[d_out, d̃ − 1]`` (the bias column is then ``grad_bias``: no
+            concatenation, for callers holding weight and bias gradients separately).
         mean: ``[d̃]`` debiased mean activation â, or ``[H, d̃]``: head h's factor is applied to the
             h-th of H equal row blocks of ``grad_mat``.
         damping: λ > 0.
@@ -218,28 +227,42 @@ def mac_apply(
             ``diag(1 / (ẑ + λ))``.
         scale: ``"reference"`` → G − (G a) aᵀ/(λ + aᵀa) = λ·G(aaᵀ+λI)⁻¹; ``"inverse"`` →
             G(aaᵀ+λI)⁻¹.
+        grad_bias: optional ``[d_out]`` bias column (split form, see ``grad_mat``).
+        out: where to write the result (NumPy, CuPy or torch arrays only): an array like
+            ``grad_mat``, or in split form a pair ``(weight_out, bias_out)``; it may be the inputs
+            themselves (in place, no allocation on the fast paths).
 
     Returns:
-        ``[d_out, d̃]`` with the dtype of ``grad_mat`` (computed in ≥ float32). No d̃×d̃ matrix is formed.
+        ``[d_out, d̃]`` with the dtype of ``grad_mat`` (computed in ≥ float32), or in split form the
+        pair ``(weight part, bias part)``; ``out`` when given. No d̃×d̃ matrix is formed.
     """
     where = "mac_apply"
     xp = namespace(
-        grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, where=where, optional=("grad_diag",)
+        grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, grad_bias=grad_bias, where=where,
+        optional=("grad_diag", "grad_bias"),
     )
     check_floating(xp, grad_mat, "grad_mat", where)
     check_floating(xp, mean, "mean", where)
-    if grad_diag is not None:
-        check_floating(xp, grad_diag, "grad_diag", where)
+    for name, arr in (("grad_diag", grad_diag), ("grad_bias", grad_bias)):
+        if arr is not None:
+            check_floating(xp, arr, name, where)
     check_ndim(grad_mat, 2, "grad_mat", where)
     check_ndim(mean, (1, 2), "mean", where)
     check_damping(damping, "damping", where, pair=False)
     if scale not in MAC_SCALES:
         raise ValueError(f"{where}: scale must be one of {MAC_SCALES}, got {scale!r}")
-    d_out, d_t = grad_mat.shape
+    d_out, n = grad_mat.shape
+    d_t = n + (grad_bias is not None)
     if mean.shape[-1] != d_t:
+        what = "grad_mat + grad_bias" if grad_bias is not None else "grad_mat"
         raise ValueError(
-            f"{where}: 'mean' of shape {shape_str(mean)} does not match 'grad_mat' of shape "
+            f"{where}: 'mean' of shape {shape_str(mean)} does not match '{what}' of shape "
             f"{shape_str(grad_mat)} (last dims must agree: d̃ = {d_t})"
+        )
+    if grad_bias is not None and tuple(grad_bias.shape) != (d_out,):
+        raise ValueError(
+            f"{where}: 'grad_bias' of shape {shape_str(grad_bias)} must be [{d_out}] for "
+            f"'grad_mat' {shape_str(grad_mat)}"
         )
     if mean.ndim == 2 and (mean.shape[0] == 0 or d_out % mean.shape[0]):
         raise ValueError(
@@ -251,23 +274,59 @@ def mac_apply(
             f"{where}: 'grad_diag' of shape {shape_str(grad_diag)} must be [{d_out}] for 'grad_mat' "
             f"{shape_str(grad_mat)}"
         )
+    outs = _check_out(out, grad_mat, grad_bias, where)
     sdt = xp.float64 if xp.float64 in (mean.dtype, grad_mat.dtype) else xp.float32
     a = to_stats(xp, mean, sdt)
-    g = to_stats(xp, grad_mat, sdt)
-    coef = a / (damping + xp.sum(a * a, axis=-1, keepdims=True))  # [d̃] or [H, d̃]
-    if mean.ndim == 1:
-        u = _delegate.rank1_update(xp, g, a, coef)
-    else:
-        h = mean.shape[0]
-        gh = xp.reshape(g, (h, d_out // h, d_t))
-        ga = gh @ xp.reshape(a, (h, d_t, 1))  # [H, rows, 1]
-        u = xp.reshape(gh - ga * xp.reshape(coef, (h, 1, d_t)), (d_out, d_t))
-    if scale == "inverse":
-        u = u / damping
+    # 1 / (λ + âᵀâ) per factor: 0-d for one factor, [H, 1] per head
+    inv = 1.0 / (damping + xp.sum(a * a, axis=-1, keepdims=True))
+    inv = xp.reshape(inv, ()) if mean.ndim == 1 else inv
+    # rows scaled from the left: 1/λ (inverse scale) and diag(1/(ẑ + λ)) (SMAC)
+    row_scale = None if scale == "reference" else 1.0 / damping
     if grad_diag is not None:
-        z = to_stats(xp, grad_diag, sdt)
-        u = u / xp.reshape(z + damping, (d_out, 1))
-    return u if u.dtype == grad_mat.dtype else xp.astype(u, grad_mat.dtype)
+        z = 1.0 / (to_stats(xp, grad_diag, sdt) + damping)
+        row_scale = z if row_scale is None else z * row_scale
+    same = grad_mat.dtype == sdt and (grad_bias is None or grad_bias.dtype == sdt)
+    inplace = outs is not None and outs[0] is grad_mat and (outs[1] is grad_bias) and same
+    fast = None
+    if same:
+        fast = _delegate.mac_rank1(xp, grad_mat, grad_bias, a, inv, row_scale, inplace=inplace)
+    if fast is None:
+        fast = _delegate.mac_rank1_standard(
+            xp, to_stats(xp, grad_mat, sdt),
+            None if grad_bias is None else to_stats(xp, grad_bias, sdt), a, inv, row_scale)
+    w, b = fast
+    w = w if w.dtype == grad_mat.dtype else xp.astype(w, grad_mat.dtype)
+    if b is not None and b.dtype != grad_bias.dtype:
+        b = xp.astype(b, grad_bias.dtype)
+    if outs is not None and not inplace:
+        w = _delegate.write_into(xp, outs[0], w)
+        if b is not None:
+            b = _delegate.write_into(xp, outs[1], b)
+    elif outs is not None:
+        w, b = outs
+    return w if grad_bias is None else (w, b)
+
+
+def _check_out(out: Any, grad_mat: Array, grad_bias: Array | None, where: str) -> Any:
+    """``out`` as a pair ``(weight_out, bias_out or None)``, checked against the inputs."""
+    if out is None:
+        return None
+    if grad_bias is None:
+        pair = (out, None)
+    elif isinstance(out, tuple) and len(out) == 2:
+        pair = out
+    else:
+        raise TypeError(f"{where}: with 'grad_bias', out must be a pair (weight_out, bias_out)")
+    for name, o, like in (("out", pair[0], grad_mat), ("out (bias)", pair[1], grad_bias)):
+        if like is None:
+            continue
+        if tuple(getattr(o, "shape", ())) != tuple(like.shape) or getattr(o, "dtype", None) != like.dtype:
+            raise ValueError(
+                f"{where}: '{name}' must have the shape and dtype of its input "
+                f"{shape_str(like)} {like.dtype}, got {getattr(o, 'shape', None)} "
+                f"{getattr(o, 'dtype', type(o).__name__)}"
+            )
+    return pair
 
 
 class MacState(NamedTuple):
@@ -277,12 +336,16 @@ class MacState(NamedTuple):
     mean_hat: debiased â frozen at the last refresh (what ``apply`` reads).
     diag / diag_hat: SMAC's EMA of the gradient diagonal and its frozen debiased value
         (``None`` without SMAC).
+    first_inv: ``None``, or the first layer's fixed full inverse ``(A + λI)⁻¹`` ``[d̃, d̃]``
+        (:func:`maccore.engine.first_layer_inverse`): ``apply`` then multiplies by it instead of
+        the rank-1 form, and ``refresh`` leaves it as it is.
     """
 
     mean: EmaState
     mean_hat: Array
     diag: EmaState | None = None
     diag_hat: Array | None = None
+    first_inv: Array | None = None
 
 
 def mac(
@@ -374,12 +437,37 @@ def mac(
 
     def apply(state: MacState, grad_mat: Array) -> Array:
         _check_state(state, "mac.apply")
+        if state.first_inv is not None:
+            return first_layer_apply(grad_mat, state.first_inv, damping, grad_diag=state.diag_hat)
         return mac_apply(grad_mat, state.mean_hat, damping, grad_diag=state.diag_hat, scale=scale)
 
     def to_dense(state: MacState, d_out: int) -> Array:
         return _mac_dense(state, d_out, damping, scale)
 
     return Preconditioner(init, update, refresh, apply, to_dense)
+
+
+def first_layer_apply(grad_mat: Array, inverse: Array, damping: Any, *,
+                      grad_diag: Array | None = None) -> Array:
+    """The first layer's true inverse: ``Ĝ (A + λI)⁻¹`` with the fixed ``inverse`` ``[d̃, d̃]``,
+    left-multiplied by SMAC's ``diag(1/(ẑ + λ))`` when ``grad_diag`` is given; computed in the
+    inverse's dtype, returned in the gradient's."""
+    where = "first_layer_apply"
+    xp = namespace(grad_mat=grad_mat, inverse=inverse, grad_diag=grad_diag, where=where,
+                   optional=("grad_diag",))
+    check_floating(xp, grad_mat, "grad_mat", where)
+    check_ndim(grad_mat, 2, "grad_mat", where)
+    check_ndim(inverse, 2, "inverse", where)
+    if tuple(inverse.shape) != (grad_mat.shape[1], grad_mat.shape[1]):
+        raise ValueError(
+            f"{where}: 'inverse' of shape {shape_str(inverse)} does not match 'grad_mat' of shape "
+            f"{shape_str(grad_mat)} (expected [{grad_mat.shape[1]}, {grad_mat.shape[1]}])"
+        )
+    u = to_stats(xp, grad_mat, inverse.dtype) @ inverse
+    if grad_diag is not None:
+        z = to_stats(xp, grad_diag, u.dtype)
+        u = u / xp.reshape(z + damping, (-1, 1))
+    return u if u.dtype == grad_mat.dtype else xp.astype(u, grad_mat.dtype)
 
 
 def _check_state(state: Any, where: str) -> None:
@@ -401,10 +489,13 @@ def _mac_dense(state: MacState, d_out: int, damping: float, scale: str) -> Array
     z = state.diag_hat
     n = d_out * d_t
     out = xp.zeros((n, n), dtype=a.dtype, device=dev)
+    fixed = None if state.first_inv is None else xp.linalg.inv(state.first_inv)  # A + λI
     for r in range(d_out):
         h = r // rows_per
         ah = a2[h, :]
         block = (xp.reshape(ah, (d_t, 1)) * xp.reshape(ah, (1, d_t)) + damping * eye) / s
+        if fixed is not None:
+            block = xp.astype(fixed, a.dtype)
         if z is not None:
             block = block * (z[r] + damping)
         out = xpx.at(out, (slice(r * d_t, (r + 1) * d_t), slice(r * d_t, (r + 1) * d_t))).set(block)

@@ -56,7 +56,7 @@ from maccore._typing import Preconditioner
 from maccore._xp import namespace, shape_str
 from maccore.structures import StructureOps, StructureType
 
-__all__ = ["SingdState", "singd", "singd_statistics"]
+__all__ = ["SingdState", "singd", "singd_statistics", "singd_input_statistics", "singd_grad_statistics"]
 
 _WHERE = "singd"
 
@@ -160,23 +160,41 @@ def singd_statistics(
     With gradient accumulation, sum the returned statistics (``H + H'``) over micro-batches and pass
     them to ``update(..., statistics=(H_K, H_C))``.
     """
-    where = f"{_WHERE}.statistics"
+    return (singd_input_statistics(state, rows),
+            singd_grad_statistics(state, grad_rows, reduction_factor=reduction_factor))
+
+
+def _check_singd_state(state: Any, where: str) -> None:
     if not isinstance(state, SingdState):
         raise TypeError(f"{where}: state must be a SingdState, got {type(state).__name__}")
-    K, C = state.K, state.C
-    xp = namespace(rows=rows, grad_rows=grad_rows, K=K[0], C=C[0], where=where)
+
+
+def singd_input_statistics(state: SingdState, rows: Any) -> StructureOps:
+    """``H_K = Π_K(Kᵀ A K)`` of one batch of canonical input rows ``[R, d̃]`` (``A = E_r[x̃x̃ᵀ]``),
+    in K's dtype, without forming ``A``."""
+    where = f"{_WHERE}.statistics"
+    _check_singd_state(state, where)
+    K = state.K
+    xp = namespace(rows=rows, K=K[0], where=where)
     _check_rows(rows, "rows", K.dim, "d̃ of K", where)
-    _check_rows(grad_rows, "grad_rows", C.dim, "d_out of C", where)
     _check_real(xp, rows, "rows", where)
+    a = _scaled(xp, rows, 1.0 / math.sqrt(int(rows.shape[0])), K.dtype)  # aᵀa = A
+    return K.from_inner(xp.matrix_transpose(a))
+
+
+def singd_grad_statistics(state: SingdState, grad_rows: Any, *, reduction_factor: Any) -> StructureOps:
+    """``H_C = Π_C(Cᵀ G C)`` with ``G = (1/reduction_factor) Σ g gᵀ`` of one batch of output-gradient
+    rows ``[R', d_out]``, in C's dtype, without forming ``G``."""
+    where = f"{_WHERE}.statistics"
+    _check_singd_state(state, where)
+    C = state.C
+    xp = namespace(grad_rows=grad_rows, C=C[0], where=where)
+    _check_rows(grad_rows, "grad_rows", C.dim, "d_out of C", where)
     _check_real(xp, grad_rows, "grad_rows", where)
     _check_number(reduction_factor, "reduction_factor", positive=True, where=where)
-    n_rows = int(rows.shape[0])
-    a = _scaled(xp, rows, 1.0 / math.sqrt(n_rows), K.dtype)  # aᵀa = A
     wide_g = xp.result_type(grad_rows.dtype, C.dtype)
     g = _scaled(xp, grad_rows, _inv_sqrt(xp, reduction_factor, wide_g), C.dtype)  # gᵀg = G
-    H_K = K.from_inner(xp.matrix_transpose(a))
-    H_C = C.from_inner(xp.matrix_transpose(g))
-    return H_K, H_C
+    return C.from_inner(xp.matrix_transpose(g))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -347,12 +347,18 @@ def test_rank1_numpy_fast_path(dt, m, n, layout):
     g = g[:, ::2] if layout == "strided" else (np.asfortranarray(g) if layout == "F" else g)
     a = rng.standard_normal(n).astype(dt)
     coef = (a / (1.0 + a @ a)).astype(dt)
+    inv = np.asarray(1.0 / (1.0 + a @ a), dtype=dt)
     g0 = g.copy()
     if m * n * np.dtype(dt).itemsize > 2 * _delegate._CHUNK_BYTES:  # several cache blocks
         assert m > max(1, _delegate._CHUNK_BYTES // (n * np.dtype(dt).itemsize))
-    fast = _delegate.rank1_update(xp, g, a, coef)
-    std = _delegate.rank1_update_standard(xp, g, a, coef)
+    native = _delegate.mac_rank1(xp, g, None, a, inv, None)
+    assert (native is None) == (not g.flags.c_contiguous)  # the blocked kernel takes C order
+    fast = mc.mac_apply(g, a, 1.0)
+    std, _ = _delegate.mac_rank1_standard(xp, g, None, a, inv, None)
     assert fast.dtype == g.dtype and fast.shape == g.shape
+    if native is not None:
+        assert_close(native[0], to_numpy(std), **({"rtol": 1e-4, "atol": 1e-4} if dt == "float32"
+                                                  else {"rtol": 1e-11, "atol": 1e-11}))
     assert np.array_equal(g, g0)  # input untouched
     ref = g.astype(np.float64) - np.outer(g.astype(np.float64) @ a, coef)
     t = {"rtol": 1e-4, "atol": 1e-4} if dt == "float32" else {"rtol": 1e-11, "atol": 1e-11}
@@ -372,10 +378,11 @@ def test_rank1_torch_addr(dt, transposed):
     g = torch.randn(40, 30, generator=gen, dtype=dtype)
     g = g.T if transposed else g
     a = torch.randn(g.shape[1], generator=gen, dtype=dtype)
-    coef = a / (0.5 + a @ a)
+    inv = 1.0 / (0.5 + a @ a)
     g0 = g.clone()
-    fast = _delegate.rank1_update(xp, g, a, coef)
-    std = _delegate.rank1_update_standard(xp, g, a, coef)
+    fast, _ = _delegate.mac_rank1(xp, g, None, a, inv, None)
+    std, _ = _delegate.mac_rank1_standard(xp, g, None, a, inv, None)
+    assert_close(mc.mac_apply(g, a, 0.5), to_numpy(std), **tol(xp, dtype))
     assert fast.dtype == dtype and torch.equal(g, g0)
     assert_close(fast, to_numpy(std), **tol(xp, dtype))
 
