@@ -225,6 +225,17 @@ def mac_rank1(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array, row_sc
     return None
 
 
+def shares_memory(xp: Any, view: Array, base: Array) -> bool:
+    """Whether writing into ``view`` writes into ``base`` (a reshaped view of it; NumPy, CuPy,
+    torch); ``False`` for namespaces without mutable views."""
+    if compat.is_torch_namespace(xp):
+        return view.data_ptr() == base.data_ptr() and view.is_contiguous() and base.is_contiguous()
+    if compat.is_numpy_namespace(xp) or compat.is_cupy_namespace(xp):
+        mod = compat.array_namespace(view)
+        return bool(getattr(mod, "shares_memory", lambda *_: False)(view, base)) and view.size == base.size
+    return False
+
+
 def write_into(xp: Any, out: Array, value: Array) -> Array:
     """Copy ``value`` into the existing array ``out`` (NumPy, CuPy, torch: mutable arrays) and
     return ``out``; namespaces with immutable arrays (JAX) raise ``TypeError``."""

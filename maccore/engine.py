@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
+from maccore import _delegate
 from maccore._xp import (
     Array,
     check_damping,
@@ -329,24 +330,28 @@ def apply_split(method: CurvatureMethod, spec: LayerSpec, state: Any, grad_weigh
         w2 = xp.reshape(grad_weight, (wshape[0], -1))
         cfg = method.hyperparameters
         out = None
-        if inplace:
-            out = w2 if grad_bias is None else (w2, grad_bias)
+        if inplace and _delegate.shares_memory(xp, w2, grad_weight):
+            out = w2 if grad_bias is None else (w2, grad_bias)  # written in place by the kernel
         res = mac_apply(w2, state.mean_hat, cfg["damping"], grad_diag=state.diag_hat,
                         scale=cfg["scale"], grad_bias=grad_bias, out=out)
         w, b = (res, None) if grad_bias is None else res
-        if inplace:
+        if out is not None:
             return grad_weight, grad_bias
-        return xp.reshape(w, wshape), b
+        w = xp.reshape(w, wshape)
+        if inplace:
+            return _write(xp, grad_weight, grad_bias, w, b)
+        return w, b
     mat = grad_matrix(grad_weight, grad_bias)
     w, b = split_grad_matrix(method.apply(spec, state, mat), wshape, bias=grad_bias is not None)
-    if inplace:
-        from maccore._delegate import write_into
+    return _write(xp, grad_weight, grad_bias, w, b) if inplace else (w, b)
 
-        write_into(xp, grad_weight, w)
-        if b is not None:
-            write_into(xp, grad_bias, b)
-        return grad_weight, grad_bias
-    return w, b
+
+def _write(xp: Any, grad_weight: Array, grad_bias: Array | None, w: Array, b: Array | None
+           ) -> tuple[Array, Array | None]:
+    _delegate.write_into(xp, grad_weight, w)
+    if b is not None:
+        _delegate.write_into(xp, grad_bias, b)
+    return grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------

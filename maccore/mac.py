@@ -290,6 +290,7 @@ def mac_apply(
     fast = None
     if same:
         fast = _delegate.mac_rank1(xp, grad_mat, grad_bias, a, inv, row_scale, inplace=inplace)
+    wrote = fast is not None and inplace  # the native kernel already wrote into the inputs
     if fast is None:
         fast = _delegate.mac_rank1_standard(
             xp, to_stats(xp, grad_mat, sdt),
@@ -298,7 +299,7 @@ def mac_apply(
     w = w if w.dtype == grad_mat.dtype else xp.astype(w, grad_mat.dtype)
     if b is not None and b.dtype != grad_bias.dtype:
         b = xp.astype(b, grad_bias.dtype)
-    if outs is not None and not inplace:
+    if outs is not None and not wrote:
         w = _delegate.write_into(xp, outs[0], w)
         if b is not None:
             b = _delegate.write_into(xp, outs[1], b)

@@ -1,0 +1,356 @@
+"""maccore.engine — the per-layer engine both adapters drive — against float64 NumPy oracles.
+
+Every method (MAC, SMAC, KFAC in its three damping modes, SINGD) goes through the same cycle the
+adapters run: capture per micro-batch → pool → finalize → update → refresh → apply. The oracles
+below are written from the definitions (means of rows, (1/R)·Σ g gᵀ with R = 1/N, the damped
+curvature matrices), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import maccore as mc
+from maccore import engine
+from tests.conftest import asarray, assert_close, to_numpy, tol
+from tests.core.helpers import assert_like, is_jax
+
+LIN = mc.LayerSpec(mc.LayerKind.LINEAR, 4, 3, True, name="fc")
+LIN_NB = mc.LayerSpec(mc.LayerKind.LINEAR, 4, 3, False, name="fc_nb")
+
+METHODS = {
+    "mac": lambda: engine.mac_method(stat_decay=0.9, damping=0.3),
+    "mac-inverse": lambda: engine.mac_method(stat_decay=0.9, damping=0.3, scale="inverse"),
+    "smac": lambda: engine.mac_method(stat_decay=0.9, damping=0.3, diagonal=True),
+    "kfac-tikhonov": lambda: engine.kfac_method(stat_decay=0.9, damping=0.1),
+    "kfac-pi": lambda: engine.kfac_method(stat_decay=0.9, damping=0.1, damping_mode="pi"),
+    "kfac-exact": lambda: engine.kfac_method(stat_decay=0.9, damping=0.1, damping_mode="exact"),
+    "kfac-sum": lambda: engine.kfac_method(stat_decay=0.9, damping=0.1, loss_average=None),
+    "singd": lambda: engine.singd_method(damping=0.1, lr_cov=0.05),
+}
+
+
+def _with_ones(x):
+    return np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+
+
+def _oracle_stats(name, x, g):
+    """The finalized statistics of the concatenated batch, from their definitions (float64)."""
+    xt = _with_ones(x)
+    n = x.shape[0]
+    if name.startswith("mac") or name == "smac":
+        out = {"mean": xt.mean(axis=0)}
+        if name == "smac":
+            out["diag"] = (g * g).mean(axis=0)
+        return out
+    if name.startswith("kfac"):
+        r = 1.0 if name == "kfac-sum" else 1.0 / n  # loss = R·Σ terms
+        return {"A": xt.T @ xt / n, "G": g.T @ g / r}
+    raise AssertionError(name)
+
+
+def _cycle(method, spec, xp, dtype, xs, gs, *, reduction_factor=None):
+    """Capture every micro-batch, pool, finalize, update once, refresh: the engine's step."""
+    state = method.init(spec, xp=xp, dtype=dtype)
+    pooled = {}
+    for x, g in zip(xs, gs):
+        pooled = engine.pool_stats(pooled, method.input_statistics(spec, state, x))
+        if method.wants_grads(spec):
+            pooled = engine.pool_stats(pooled, method.grad_statistics(spec, state, g))
+    fin = method.finalize(spec, state, pooled, reduction_factor=reduction_factor)
+    stats = {k: v for k, (v, w) in fin.items()}
+    state = method.update(spec, state, stats)
+    return method.refresh(spec, state), fin
+
+
+@pytest.mark.parametrize("name", ["mac", "smac", "kfac-tikhonov", "kfac-sum"])
+def test_pooled_micro_batches_equal_the_concatenated_batch(xp, dtype, name):
+    rng = np.random.default_rng(1)
+    sizes = (5, 2, 9)
+    xs_np = [rng.standard_normal((s, 4)) for s in sizes]
+    gs_np = [rng.standard_normal((s, 3)) for s in sizes]
+    xs = [asarray(xp, x, dtype) for x in xs_np]
+    gs = [asarray(xp, g, dtype) for g in gs_np]
+    method = METHODS[name]()
+    _, fin = _cycle(method, LIN, xp, dtype, xs, gs)
+    want = _oracle_stats(name, np.concatenate([to_numpy(x) for x in xs]),
+                         np.concatenate([to_numpy(g) for g in gs]))
+    assert set(fin) == set(want)
+    for k, v in want.items():
+        assert_close(fin[k][0], v, **tol(xp, dtype), err_msg=k)
+
+
+def test_singd_pooled_statistics_equal_the_concatenated_batch(xp, dtype):
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((s, 4)) for s in (3, 6)]
+    gs = [rng.standard_normal((s, 3)) for s in (3, 6)]
+    method = engine.singd_method(structures=("dense", "dense"), damping=0.1)
+    state = method.init(LIN, xp=xp, dtype=dtype)
+    pooled = {}
+    for x, g in zip(xs, gs):
+        pooled = engine.pool_stats(pooled, method.input_statistics(LIN, state, asarray(xp, x, dtype)))
+        pooled = engine.pool_stats(pooled, method.grad_statistics(LIN, state, asarray(xp, g, dtype)))
+    fin = method.finalize(LIN, state, pooled)
+    x, g = np.concatenate(xs), np.concatenate(gs)
+    xt = _with_ones(x)
+    # K = C = I at init: H_K = A, H_C = G with R = 1/N
+    assert_close(fin["H_K"][0], (xt.T @ xt / len(x)).reshape(-1), **tol(xp, dtype))
+    assert_close(fin["H_C"][0], (g.T @ g * len(g)).reshape(-1), **tol(xp, dtype))
+
+
+def test_explicit_reduction_factor_overrides_loss_average(xp):
+    rng = np.random.default_rng(3)
+    x, g = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    method = engine.kfac_method(loss_average="batch", reduction_factor=0.5)
+    _, fin = _cycle(method, LIN, xp, xp.float64, [asarray(xp, x)], [asarray(xp, g)])
+    assert_close(fin["G"][0], g.T @ g / 0.5, rtol=1e-12, atol=1e-12)
+    _, fin = _cycle(method, LIN, xp, xp.float64, [asarray(xp, x)], [asarray(xp, g)],
+                    reduction_factor=2.0)
+    assert_close(fin["G"][0], g.T @ g / 2.0, rtol=1e-12, atol=1e-12)
+
+
+def _dense_curvature(name, stats, damping):
+    """The damped dense curvature of one refreshed state (debias of one EMA update = the batch)."""
+    if name in ("mac", "mac-inverse", "smac"):
+        a = stats["mean"]
+        block = np.outer(a, a) + damping * np.eye(a.size)
+        if name != "mac-inverse":
+            block = block / damping  # reference scale: apply = λ·G(ââᵀ+λI)⁻¹
+        z = stats["diag"] + damping if name == "smac" else np.ones(3)
+        return np.kron(np.diag(z), block)
+    A, G = stats["A"], stats["G"]
+    if name == "kfac-exact":
+        return np.kron(G, A) + damping * np.eye(G.shape[0] * A.shape[0])
+    if name == "kfac-pi":
+        pi = math.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
+        la, lg = pi * math.sqrt(damping), math.sqrt(damping) / pi
+    else:
+        la = lg = damping
+    return np.kron(G + lg * np.eye(G.shape[0]), A + la * np.eye(A.shape[0]))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "singd"])
+def test_apply_inverts_the_dense_curvature(xp, dtype, name):
+    rng = np.random.default_rng(4)
+    x, g = rng.standard_normal((7, 4)) + 0.5, rng.standard_normal((7, 3))
+    method = METHODS[name]()
+    damping = method.hyperparameters["damping"]
+    state, _ = _cycle(method, LIN, xp, dtype, [asarray(xp, x, dtype)], [asarray(xp, g, dtype)])
+    xr, gr = to_numpy(asarray(xp, x, dtype)), to_numpy(asarray(xp, g, dtype))
+    curv = _dense_curvature(name, _oracle_stats(name.replace("-tikhonov", "").replace("-pi", "")
+                                                .replace("-exact", "") if not name.startswith("kfac")
+                                                else "kfac-sum" if name == "kfac-sum" else "kfac",
+                                                xr, gr), damping)
+    grad_np = rng.standard_normal((3, 5))
+    grad = asarray(xp, grad_np, dtype)
+    out = method.apply(LIN, state, grad)
+    assert_like(out, grad)
+    want = np.linalg.solve(curv, grad_np.reshape(-1)).reshape(3, 5)
+    t = tol(xp, dtype, factor=10.0)
+    assert_close(out, want, **t)
+    assert_close(method.curvature_dense(LIN, state), curv, **t)
+    assert_close(method.preconditioner_dense(LIN, state), np.linalg.inv(curv), **t)
+
+
+def test_singd_dense_views_are_inverses(xp):
+    rng = np.random.default_rng(5)
+    method = engine.singd_method(damping=0.1, lr_cov=0.1, alpha1=0.0)
+    state, _ = _cycle(method, LIN, xp, xp.float64, [asarray(xp, rng.standard_normal((8, 4)))],
+                      [asarray(xp, rng.standard_normal((8, 3)))])
+    P = to_numpy(method.preconditioner_dense(LIN, state))
+    grad = rng.standard_normal((3, 5))
+    out = method.apply(LIN, state, asarray(xp, grad))
+    assert_close(out, (P @ grad.reshape(-1)).reshape(3, 5), rtol=1e-10, atol=1e-10)
+    assert_close(method.curvature_dense(LIN, state), np.linalg.inv(P), rtol=1e-8, atol=1e-8)
+    assert not np.allclose(P, np.eye(15))  # the update moved the factors
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("spec", [LIN, LIN_NB], ids=["bias", "nobias"])
+def test_apply_split_equals_apply(xp, dtype, name, spec):
+    rng = np.random.default_rng(6)
+    method = METHODS[name]()
+    state, _ = _cycle(method, spec, xp, dtype, [asarray(xp, rng.standard_normal((6, 4)) + 1, dtype)],
+                      [asarray(xp, rng.standard_normal((6, 3)), dtype)])
+    gw_np, gb_np = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    gw, gb = asarray(xp, gw_np, dtype), (asarray(xp, gb_np, dtype) if spec.has_bias else None)
+    whole = method.apply(spec, state, mc.grad_matrix(gw, gb))
+    w, b = engine.apply_split(method, spec, state, gw, gb)
+    want_w, want_b = mc.split_grad_matrix(whole, (3, 4), bias=spec.has_bias)
+    assert_close(w, want_w, **tol(xp, dtype))
+    if spec.has_bias:
+        assert_close(b, want_b, **tol(xp, dtype))
+    assert_close(gw, gw_np if dtype == xp.float64 else to_numpy(asarray(xp, gw_np, dtype)),
+                 rtol=0, atol=0)  # not in place: input untouched
+    if is_jax(xp) or "strict" in xp.__name__:
+        with pytest.raises(TypeError, match="immutable|mutable"):
+            engine.apply_split(method, spec, state, gw, gb, inplace=True)
+        return
+    w2, b2 = engine.apply_split(method, spec, state, gw, gb, inplace=True)
+    assert w2 is gw and (b2 is gb)
+    assert_close(gw, want_w, **tol(xp, dtype))
+    if spec.has_bias:
+        assert_close(gb, want_b, **tol(xp, dtype))
+
+
+def test_first_layer_inverse(xp, dtype):
+    rng = np.random.default_rng(7)
+    batches = [rng.standard_normal((s, 4)) + 0.3 for s in (5, 8)]
+    damping = 0.2
+    A = sum(_with_ones(to_numpy(asarray(xp, b, dtype))).T @ _with_ones(to_numpy(asarray(xp, b, dtype)))
+            / len(b) for b in batches) / len(batches)
+    moments = [mc.input_factor(mc.to_rows(LIN, asarray(xp, b, dtype))) for b in batches]
+    inv = engine.first_layer_inverse(sum(moments[1:], moments[0]) / len(moments), damping)
+    assert_close(inv, np.linalg.inv(A + damping * np.eye(5)), **tol(xp, dtype, factor=10))
+    for diagonal in (False, True):
+        method = engine.mac_method(damping=damping, diagonal=diagonal)
+        st0 = method.init(LIN, xp=xp, dtype=dtype)
+        st = engine.with_first_layer(st0, inv)
+        assert method.wants_input(LIN, st) is diagonal  # SMAC still needs its gradient diagonal
+        g = rng.standard_normal((9, 3))
+        st, _ = (st, None)
+        pooled = engine.pool_stats({}, method.input_statistics(LIN, st, asarray(xp, batches[0], dtype)))
+        pooled = engine.pool_stats(pooled, method.grad_statistics(LIN, st, asarray(xp, g, dtype)))
+        st = method.refresh(LIN, method.update(LIN, st, {k: v for k, (v, w) in
+                                                         method.finalize(LIN, st, pooled).items()}))
+        grad_np = rng.standard_normal((3, 5))
+        out = method.apply(LIN, st, asarray(xp, grad_np, dtype))
+        want = grad_np @ np.linalg.inv(A + damping * np.eye(5))
+        if diagonal:
+            gr = to_numpy(asarray(xp, g, dtype))
+            want = want / ((gr * gr).mean(axis=0) + damping)[:, None]
+        assert_close(out, want, **tol(xp, dtype, factor=10))
+        w, b = engine.apply_split(method, LIN, st, asarray(xp, grad_np[:, :4], dtype),
+                                  asarray(xp, grad_np[:, 4], dtype))
+        assert_close(w, want[:, :4], **tol(xp, dtype, factor=10))
+    with pytest.raises(ValueError, match="does not match"):
+        engine.with_first_layer(st0, inv[:3, :3])
+    with pytest.raises(TypeError, match="MAC feature"):
+        engine.with_first_layer(engine.kfac_method().init(LIN, xp=xp), inv)
+
+
+@pytest.mark.parametrize("mode", ["reference", "per_head", "off"])
+def test_qkv_statistics(xp, mode):
+    rng = np.random.default_rng(8)
+    b, n, d, h = 2, 5, 6, 2
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, d, 3 * d, True, qkv=mc.QkvSpec(num_heads=h, mode=mode),
+                        name="qkv")
+    x_np = rng.standard_normal((b, n, d))
+    logits = rng.standard_normal((b, h, n, n))
+    attn_np = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    method = engine.mac_method()
+    st = method.init(spec, xp=xp, dtype=xp.float64)
+    stats = method.input_statistics(spec, st, asarray(xp, x_np), attn=asarray(xp, attn_np))
+    xt = np.concatenate([x_np, np.ones((b, n, 1))], axis=-1)
+    a = xt.reshape(-1, d + 1).mean(0)
+    if mode == "off":
+        want = np.stack([a, a, a])
+    elif mode == "reference":
+        v = attn_np.mean(axis=(0, 1, 2)) @ xt.mean(0)
+        want = np.stack([a, a, v])
+    else:
+        v = np.einsum("bhij,bjd->hd", attn_np, xt) / (b * n)
+        want = np.concatenate([np.tile(a, (h, 1)), np.tile(a, (h, 1)), v])
+    assert stats["mean"].weight == b * n
+    assert_close(stats["mean"].value, want, rtol=1e-12, atol=1e-12)
+    assert tuple(st.mean.value.shape) == want.shape
+    assert method.wants_attention(spec) is (mode != "off")
+    # cross-attention: each block uses the plain mean of its own input
+    k_np, v_np = rng.standard_normal((b, 3, d)), rng.standard_normal((b, 3, d))
+    cross = method.input_statistics(spec, st, asarray(xp, x_np), key=asarray(xp, k_np),
+                                    value=asarray(xp, v_np))["mean"].value
+    m = lambda t: np.concatenate([t.reshape(-1, d).mean(0), [1.0]])  # noqa: E731
+    rep = h if mode == "per_head" else 1
+    want = np.concatenate([np.tile(m(x_np), (rep, 1)), np.tile(m(k_np), (rep, 1)),
+                           np.tile(m(v_np), (rep, 1))])
+    assert_close(cross, want, rtol=1e-12, atol=1e-12)
+    if mode != "off":
+        with pytest.raises(ValueError, match="attention probabilities"):
+            method.input_statistics(spec, st, asarray(xp, x_np))
+
+
+def test_conv_statistics_match_im2col(xp):
+    rng = np.random.default_rng(9)
+    spec = mc.LayerSpec(mc.LayerKind.CONV2D, 2 * 3 * 3, 4, True,
+                        conv=mc.ConvSpec(kernel_size=3, stride=2, padding=1), name="conv")
+    x = asarray(xp, rng.standard_normal((2, 2, 7, 6)))
+    rows = to_numpy(mc.conv2d_rows(x, 3, stride=2, padding=1, bias=True))
+    assert engine.num_rows(spec, x) == rows.shape[0]
+    assert_close(engine.mean_rows(spec, x), rows.mean(0), rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal((2, 4, 4, 3))
+    assert engine.loss_terms(spec, g.shape, "batch") == 2
+    assert engine.loss_terms(spec, g.shape, "batch+sequence") == 2 * 4 * 3
+    assert engine.loss_terms(spec, g.shape, None) == 2
+
+
+def test_loss_terms_and_reduction_factor():
+    assert engine.loss_terms(LIN, (8, 5, 3), "batch") == 8
+    assert engine.loss_terms(LIN, (8, 5, 3), "batch+sequence") == 40
+    assert engine.loss_terms(LIN, (3,), "batch") == 1
+    assert engine.reduction_factor(8, loss_average="batch") == 1 / 8
+    assert engine.reduction_factor(8, loss_average=None) == 1.0
+    assert engine.reduction_factor(8, loss_average="batch", reduction_factor=2.0) == 2.0
+    with pytest.raises(ValueError, match="loss_average"):
+        engine.reduction_factor(8, loss_average="mean")
+    with pytest.raises(ValueError, match="no loss terms"):
+        engine.reduction_factor(0, loss_average="batch")
+    with pytest.raises(ValueError):
+        engine.reduction_factor(8, loss_average="batch", reduction_factor=-1.0)
+    with pytest.raises(ValueError, match="loss_average"):
+        engine.kfac_method(loss_average="tokens")
+
+
+def test_schedule_and_pool_rules():
+    assert [engine.schedule(c, t_cov=2, t_inv=3) for c in range(4)] == [
+        (True, True), (False, False), (True, False), (False, True)]
+    a = engine.Stat(np.array([1.0, 3.0]), 1, "mean")
+    b = engine.Stat(np.array([4.0, 0.0]), 2, "mean")
+    p = engine.pool(a, b)
+    np.testing.assert_allclose(p.value, [3.0, 1.0])
+    assert p.weight == 3
+    s = engine.pool(engine.Stat(np.ones(2), 4, "sum"), engine.Stat(np.ones(2), 6, "sum"))
+    np.testing.assert_allclose(s.value, [2.0, 2.0])
+    assert s.weight == 10
+    with pytest.raises(ValueError, match="cannot pool"):
+        engine.pool(a, engine.Stat(np.ones(2), 1, "sum"))
+    with pytest.raises(ValueError, match="shapes"):
+        engine.pool(a, engine.Stat(np.ones(3), 1, "mean"))
+    acc = {"x": a}
+    out = engine.pool_stats(acc, {"x": b, "y": b})
+    assert acc == {"x": a} and set(out) == {"x", "y"}
+
+
+def test_all_finite(xp):
+    ok = asarray(xp, np.ones(3))
+    bad = asarray(xp, np.array([1.0, np.nan]))
+    inf = asarray(xp, np.array([np.inf]))
+    assert bool(engine.all_finite([ok, None, ok]))
+    assert not bool(engine.all_finite([ok, bad]))
+    assert not bool(engine.all_finite([inf]))
+    assert bool(engine.all_finite([]))
+
+
+def test_kfac_never_observed_layer_is_left_alone():
+    method = engine.kfac_method()
+    st = method.init(LIN, xp=np, dtype=np.float64)
+    st = method.refresh(LIN, st)  # nothing to invert yet
+    g = np.random.default_rng(10).standard_normal((3, 5))
+    np.testing.assert_array_equal(method.apply(LIN, st, g), g)
+    st2 = method.update(LIN, st, {"A": np.eye(5)})  # a statistic missing: no update
+    assert st2 is st
+
+
+def test_templates_match_finalized_statistics():
+    rng = np.random.default_rng(11)
+    for name, make in METHODS.items():
+        method = make()
+        st = method.init(LIN, xp=np, dtype=np.float64)
+        _, fin = _cycle(method, LIN, np, np.float64, [rng.standard_normal((4, 4))],
+                        [rng.standard_normal((4, 3))])
+        tmpl = method.templates(LIN, st)
+        assert set(tmpl) == set(fin) == set(method.keys(LIN, st)), name
+        for k in tmpl:
+            assert tuple(tmpl[k].shape) == tuple(fin[k][0].shape), (name, k)
