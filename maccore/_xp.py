@@ -218,3 +218,12 @@ def is_due(count: Any, period: int) -> Any:
     ):
         raise TypeError(f"is_due: count must be an integer, got {type(count).__name__} {count!r}")
     return count % period == 0
+
+
+def alias_keyword(value: Any, default: Any, alias: Any, name: str, alias_name: str, where: str) -> Any:
+    """One keyword under two names (the core's short one and the adapters' one)."""
+    if alias is None:
+        return value
+    if value != default:
+        raise TypeError(f"{where}: give {name!r} or {alias_name!r}, not both")
+    return alias

@@ -22,6 +22,7 @@ import array_api_extra as xpx
 from maccore._typing import Preconditioner
 from maccore._xp import (
     Array,
+    alias_keyword,
     check_damping,
     check_decay,
     check_floating,
@@ -254,7 +255,8 @@ def _check_state(state: Any, where: str) -> None:
         raise TypeError(f"{where}: state must be a maccore.KfacState, got {type(state).__name__}")
 
 
-def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") -> Preconditioner:
+def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov",
+         stat_decay: float | None = None, damping_mode: str | None = None) -> Preconditioner:
     """The stateful exact-KFAC preconditioner of one layer.
 
     ``init(d_tilde, d_out, *, xp, dtype=None, device=None)``;
@@ -262,7 +264,10 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov") ->
     folds one batch's factors (from rows, or precomputed) into the EMAs;
     ``refresh`` debiases the EMAs and rebuilds the inverses/eigenbases; ``apply(state, grad_mat)``;
     ``to_dense(state)`` is the damped dense curvature whose inverse ``apply`` multiplies with.
+    ``stat_decay`` / ``damping_mode`` are the adapters' names for ``decay`` / ``mode``.
     """
+    decay = alias_keyword(decay, 0.95, stat_decay, "decay", "stat_decay", "kfac")
+    mode = alias_keyword(mode, "tikhonov", damping_mode, "mode", "damping_mode", "kfac")
     if mode not in KFAC_MODES:
         raise ValueError(f"kfac: mode must be one of {KFAC_MODES}, got {mode!r}")
     check_damping(damping, "damping", "kfac", pair=mode == "tikhonov")

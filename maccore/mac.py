@@ -21,6 +21,7 @@ from maccore import _delegate
 from maccore._typing import Preconditioner
 from maccore._xp import (
     Array,
+    alias_keyword,
     check_damping,
     check_decay,
     check_flag,
@@ -356,6 +357,7 @@ def mac(
     scale: str = "reference",
     diagonal: bool = False,
     diag_reduction_factor: float | None = None,
+    stat_decay: float | None = None,
 ) -> Preconditioner:
     """The stateful MAC preconditioner of one layer (pure functions, NamedTuple state).
 
@@ -366,6 +368,7 @@ def mac(
         diagonal: SMAC — keep a running diagonal gradient factor (needs ``grad_rows`` in ``update``).
         diag_reduction_factor: ``None`` for the published statistic E_rows[g⊙g], else R for the
             canonical (1/R)Σ g⊙g.
+        stat_decay: the adapters' name for ``decay`` (give one of them).
 
     ``init(d_tilde, d_out=None, *, xp, heads=None, dtype=None, device=None)``;
     ``update(state, rows=None, grad_rows=None, *, mean=None, grad_diag=None)`` — give the input rows
@@ -374,6 +377,7 @@ def mac(
     curvature ``D ⊗ (ââᵀ + λI)/s`` whose inverse ``apply`` multiplies with (s = λ for the reference
     scale, 1 for the inverse scale; D = I or diag(ẑ + λ)).
     """
+    decay = alias_keyword(decay, 0.95, stat_decay, "decay", "stat_decay", "mac")
     check_damping(damping, "damping", "mac", pair=False)
     check_decay(decay, "decay", "mac")
     if scale not in MAC_SCALES:

@@ -354,3 +354,23 @@ def test_templates_match_finalized_statistics():
         assert set(tmpl) == set(fin) == set(method.keys(LIN, st)), name
         for k in tmpl:
             assert tuple(tmpl[k].shape) == tuple(fin[k][0].shape), (name, k)
+
+
+def test_core_factories_accept_the_adapters_keywords():
+    rng = np.random.default_rng(12)
+    rows = mc.linear_rows(rng.standard_normal((6, 4)), bias=True)
+    g = rng.standard_normal((3, 5))
+    a, b = mc.mac(decay=0.8), mc.mac(stat_decay=0.8)
+    sa = a.refresh(a.update(a.init(5, xp=np), rows))
+    sb = b.refresh(b.update(b.init(5, xp=np), rows))
+    np.testing.assert_array_equal(a.apply(sa, g), b.apply(sb, g))
+    grows = rng.standard_normal((6, 3))
+    k1, k2 = mc.kfac(mode="pi", decay=0.7), mc.kfac(damping_mode="pi", stat_decay=0.7)
+    s1 = k1.refresh(k1.update(k1.init(5, 3, xp=np), rows, grows, reduction_factor=1.0))
+    s2 = k2.refresh(k2.update(k2.init(5, 3, xp=np), rows, grows, reduction_factor=1.0))
+    np.testing.assert_array_equal(k1.apply(s1, g), k2.apply(s2, g))
+    assert not np.allclose(k1.apply(s1, g), mc.kfac(decay=0.7).apply(s1, g))  # the mode mattered
+    with pytest.raises(TypeError, match="not both"):
+        mc.mac(decay=0.5, stat_decay=0.9)
+    with pytest.raises(TypeError, match="not both"):
+        mc.kfac(mode="exact", damping_mode="pi")
