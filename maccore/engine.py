@@ -80,6 +80,7 @@ __all__ = [
     "num_rows",
     "pool",
     "pool_stats",
+    "qkv_mean",
     "reduction_factor",
     "schedule",
     "singd_method",
