@@ -146,7 +146,18 @@ def check_damping(
     if isinstance(damping, bool):
         raise TypeError(f"{_where(where)}{name} must be a positive number, got {damping!r}")
     if isinstance(damping, numbers.Real):
-        if not (damping > 0 and damping != float("inf")):
+        if not isinstance(damping, (int, float)) and type(damping).__module__ != "numpy":
+            raise TypeError(  # Fraction, Decimal, ...: arrays cannot be multiplied by them
+                f"{_where(where)}{name} must be a float or int, got {type(damping).__name__} "
+                f"{damping!r}"
+            )
+        try:
+            value = float(damping)
+        except OverflowError:
+            raise ValueError(
+                f"{_where(where)}{name} is not representable as a float: {str(damping)[:20]}…"
+            ) from None
+        if not (value > 0 and value != float("inf")):
             raise ValueError(f"{_where(where)}{name} must be positive and finite, got {damping!r}")
     elif isinstance(damping, tuple):
         if not pair:
@@ -174,6 +185,21 @@ def check_damping(
             f"{_where(where)}{name} must be a positive number, got {type(damping).__name__} "
             f"{damping!r}"
         )
+
+
+def check_damping_range(xp: Namespace, damping: Any, dtype: Any, name: str = "damping",
+                        where: str | None = None) -> None:
+    """A damping given as a number must be a normal number of the dtype the computation runs in
+    (below it, ``λ`` rounds to 0 or a subnormal and the damped inverse is lost)."""
+    values = damping if isinstance(damping, tuple) else (damping,)
+    tiny = float(xp.finfo(dtype).smallest_normal)
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < tiny:
+            raise ValueError(
+                f"{_where(where)}{name} {v!r} is below the smallest normal "
+                f"{getattr(dtype, '__name__', dtype)} ({tiny:.3g}); "
+                "use a larger damping or float64 statistics"
+            )
 
 
 def check_decay(decay: Any, name: str = "decay", where: str | None = None) -> None:

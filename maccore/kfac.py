@@ -24,6 +24,7 @@ from maccore._xp import (
     Array,
     alias_keyword,
     check_damping,
+    check_damping_range,
     check_decay,
     check_floating,
     check_ndim,
@@ -101,9 +102,17 @@ def pi_dampings(A: Array, G: Array, damping: Any) -> tuple[Array, Array]:
     tg = xp.sum(xp.linalg.diagonal(G)) / G.shape[0]
     ok = xp.logical_and(ta > 0, tg > 0)
     one = xp.ones_like(ta)
-    pi = xp.sqrt(xp.where(ok, ta, one) / xp.where(ok, tg, one))
+    # the ratio of the two traces may not be representable (tiny gradients, loss × 1e-20): π is
+    # taken in the log domain and both dampings must come out positive and finite in the factors'
+    # dtype; otherwise the split falls back to the equal one (π = 1), so λ_A·λ_G = λ always holds
+    logs = (xp.log(xp.where(ok, ta, one)) - xp.log(xp.where(ok, tg, one))) / 2
     root = math.sqrt(damping)
-    return pi * root, root / pi
+    la, lg = root * xp.exp(logs), root * xp.exp(-logs)
+    tiny = float(xp.finfo(la.dtype).smallest_normal)
+    good = xp.logical_and(xp.logical_and(xp.isfinite(la), xp.isfinite(lg)),
+                          xp.logical_and(la >= tiny, lg >= tiny))
+    fallback = xp.full_like(la, root)
+    return xp.where(good, la, fallback), xp.where(good, lg, fallback)
 
 
 def _eye_like(xp: Any, m: Array) -> Array:
@@ -127,6 +136,7 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
     _check_factor(M, name, "damped_inverse")
     check_damping(damping, "damping", "damped_inverse", pair=False)
     Ms = to_stats(xp, M)
+    check_damping_range(xp, damping, Ms.dtype, "damping", "damped_inverse")
 
     def attempt(x: Array) -> Array | None:
         try:
@@ -209,6 +219,7 @@ def kfac_apply(grad_mat: Array, A: Array, G: Array, damping: Any, *, mode: str =
     where = "kfac_apply"
     xp = _check_apply_args(grad_mat, A, G, damping, mode, where)
     g = to_stats(xp, grad_mat)
+    check_damping_range(xp, damping, g.dtype, "damping", where)
     As, Gs = to_stats(xp, A, g.dtype), to_stats(xp, G, g.dtype)
     if mode == "exact":
         wa, qa = _eigh(xp, As, "A")

@@ -23,6 +23,7 @@ from maccore._xp import (
     Array,
     alias_keyword,
     check_damping,
+    check_damping_range,
     check_decay,
     check_flag,
     check_floating,
@@ -72,6 +73,8 @@ def gradient_diagonal(grad_rows: Array, *, reduction_factor: float | None = None
     xp = namespace(grad_rows=grad_rows, where="gradient_diagonal", optional=())
     check_floating(xp, grad_rows, "grad_rows", "gradient_diagonal", integer_ok=True)
     check_ndim(grad_rows, 2, "grad_rows", "gradient_diagonal")
+    if grad_rows.shape[0] == 0:
+        raise ValueError("gradient_diagonal: 'grad_rows' has no rows (shape [0, ...])")
     g = to_stats(xp, grad_rows)
     if reduction_factor is None:
         return xp.mean(g * g, axis=0)
@@ -103,6 +106,8 @@ def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | N
         )
     if q.shape[3] == 0:
         raise ValueError(f"{where}: 'q' {shape_str(q)} has head dimension 0")
+    if k.shape[2] == 0:
+        raise ValueError(f"{where}: 'k' {shape_str(k)} has no keys: the softmax over keys is undefined")
     if mask is not None:
         if mask.dtype != xp.bool:
             check_floating(xp, mask, "mask", where)
@@ -144,6 +149,7 @@ def attention_probs(q: Array, k: Array, *, causal: bool = False, mask: Array | N
 def split_qkv(out: Array, num_heads: int) -> tuple[Array, Array, Array]:
     """Split a fused qkv output ``[B, N, 3D]`` with layout (3, H, d_h) into q, k, v ``[B, H, N, d_h]``."""
     xp = namespace(out=out, where="split_qkv", optional=())
+    check_floating(xp, out, "out", "split_qkv")
     check_ndim(out, 3, "out", "split_qkv")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"split_qkv: num_heads must be a positive integer, got {num_heads!r}")
@@ -176,6 +182,10 @@ def attention_weighted_mean(x: Array, attn: Array, *, bias: bool, mode: str = "r
     check_ndim(x, 3, "x", "attention_weighted_mean")
     check_ndim(attn, 4, "attn", "attention_weighted_mean")
     b, n, _ = x.shape
+    if b == 0 or n == 0:
+        raise ValueError(
+            f"attention_weighted_mean: 'x' of shape {shape_str(x)} is empty (no samples or tokens)"
+        )
     if attn.shape[0] != b or attn.shape[2] != n or attn.shape[3] != n:
         raise ValueError(
             f"attention_weighted_mean: 'attn' of shape {shape_str(attn)} does not match 'x' of shape "
@@ -277,9 +287,15 @@ def mac_apply(
         )
     outs = _check_out(out, grad_mat, grad_bias, where)
     sdt = xp.float64 if xp.float64 in (mean.dtype, grad_mat.dtype) else xp.float32
+    check_damping_range(xp, damping, sdt, "damping", where)
     a = to_stats(xp, mean, sdt)
-    # 1 / (λ + âᵀâ) per factor: 0-d for one factor, [H, 1] per head
-    inv = 1.0 / (damping + xp.sum(a * a, axis=-1, keepdims=True))
+    # 1 / (λ + âᵀâ) per factor: 0-d for one factor, [H, 1] per head. âᵀâ would overflow for
+    # ‖â‖ ≳ sqrt(max float) (float32: 1.8e19); a factor that large is divided by c = max|â| first:
+    # (G â) âᵀ / (λ + âᵀâ) = (G â/c)(â/c)ᵀ / (λ/c² + (â/c)ᵀ(â/c)). c = 1 (bit-identical) otherwise.
+    big = xp.max(xp.abs(a), axis=-1, keepdims=True)
+    c = xp.where(big > _overflow_limit(xp, sdt, d_t), big, xp.ones_like(big))
+    a = a / c
+    inv = 1.0 / (damping / c / c + xp.sum(a * a, axis=-1, keepdims=True))
     inv = xp.reshape(inv, ()) if mean.ndim == 1 else inv
     # rows scaled from the left: 1/λ (inverse scale) and diag(1/(ẑ + λ)) (SMAC)
     row_scale = None if scale == "reference" else 1.0 / damping
@@ -307,6 +323,11 @@ def mac_apply(
     elif outs is not None:
         w, b = outs
     return w if grad_bias is None else (w, b)
+
+
+def _overflow_limit(xp: Any, dtype: Any, d: int) -> float:
+    """Largest max|â| for which λ + âᵀâ cannot overflow ``dtype`` (d̃ = ``d`` entries)."""
+    return math.sqrt(float(xp.finfo(dtype).max) / max(1, d)) / 4
 
 
 def _check_out(out: Any, grad_mat: Array, grad_bias: Array | None, where: str) -> Any:

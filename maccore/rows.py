@@ -251,6 +251,8 @@ def _feature_rows(xp: Any, t: Array, arg: str, where: str, what: str, pool: Any)
     if pool is not None and t.ndim > 2:
         if any(s == 0 for s in t.shape):
             raise ValueError(f"{where}: argument '{arg}' of shape {shape_str(t)} is empty (reduce=True)")
+        if not xp.isdtype(t.dtype, "real floating"):  # integer input: pool in float32
+            t = xp.astype(t, xp.float32)
         t = pool(xp.reshape(t, (t.shape[0], -1, d)), axis=1)
     return xp.reshape(t, (-1, d))
 
@@ -371,6 +373,8 @@ def conv2d_mean_patch(
     check_flag(bias, "bias", where)
     k, s, pads, d, o = _conv_geometry(x, kernel_size, stride, padding, dilation, where)
     n, c = x.shape[0], x.shape[1]
+    if n == 0:
+        raise ValueError(f"{where}: 'x' of shape {shape_str(x)} has no samples (batch size 0)")
     if groups != 1 and groups != c:
         raise ValueError(
             f"{where}: grouped convolution with groups={groups} and {c} input channels is not supported"
@@ -399,6 +403,8 @@ def conv2d_grad_rows(g: Array, *, reduce: bool = False) -> Array:
     check_flag(reduce, "reduce", "conv2d_grad_rows")
     _check_conv_input(g, "conv2d_grad_rows", "g")
     n, c = g.shape[0], g.shape[1]
+    if n == 0:
+        raise ValueError(f"conv2d_grad_rows: 'g' of shape {shape_str(g)} has no samples (batch size 0)")
     if reduce:
         return xp.sum(xp.reshape(g, (n, c, -1)), axis=2)
     return xp.reshape(xp.permute_dims(xp.reshape(g, (n, c, -1)), (0, 2, 1)), (-1, c))
@@ -437,6 +443,7 @@ def grad_matrix(grad_weight: Array, grad_bias: Array | None = None) -> Array:
 def split_grad_matrix(mat: Array, weight_shape: tuple[int, ...], *, bias: bool) -> tuple[Array, Array | None]:
     """Inverse of :func:`grad_matrix`: ``(grad_weight [weight_shape], grad_bias [d_out] or None)``."""
     xp = namespace(mat=mat, where="split_grad_matrix", optional=())
+    check_floating(xp, mat, "mat", "split_grad_matrix")
     check_ndim(mat, 2, "mat", "split_grad_matrix")
     check_flag(bias, "bias", "split_grad_matrix")
     if not (
