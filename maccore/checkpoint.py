@@ -6,6 +6,11 @@ states (running averages with their counts and weights, the caches ``apply`` rea
 count and the momentum buffers, all in the core's canonical layouts. NumPy is imported lazily,
 inside the functions that read or write files.
 
+This module takes and returns NumPy arrays (or anything ``numpy.asarray`` / ``numpy.from_dlpack``
+reads, see :func:`to_numpy`) and knows no framework: the adapters convert their tensors to NumPy
+before :func:`save` and back after :func:`load`. :func:`unflatten_state` rebuilds a state in the
+namespace of a template state through the Array API.
+
 Layout, ``format_version`` 1 — an uncompressed NumPy ``.npz`` archive with
 
 - ``"__maccore__"``: a 0-d string array holding the JSON header::
@@ -237,28 +242,40 @@ def _like(a: Any, leaf: Array) -> Array:
 
 
 def to_numpy(x: Any) -> Any:
-    """Any backend array → a NumPy array on the host (bfloat16 → float32)."""
+    """A NumPy array from ``x``: a NumPy array, or any host array that ``numpy.asarray`` reads
+    (``__array__``, the buffer protocol) or ``numpy.from_dlpack`` accepts.
+
+    This module knows no framework: each adapter moves its tensors to the host and to a dtype NumPy
+    has (e.g. torch's bfloat16 → float32) before calling :func:`save`.
+
+    Raises:
+        TypeError: ``x`` cannot be read as a NumPy array (a GPU array, a dtype NumPy lacks, a tensor
+            that requires grad): convert it in the caller.
+    """
     import numpy as np  # noqa: PLC0415
 
-    if compat.is_torch_array(x):
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-            x = x.float()
-        return x.numpy()
-    if compat.is_cupy_array(x):
-        return x.get()
+    if isinstance(x, np.ndarray):
+        return x
     try:
-        out = np.asarray(x)
-    except Exception:
-        out = np.from_dlpack(x)
-    return out
+        return np.asarray(x)
+    except Exception as exc:
+        try:
+            return np.from_dlpack(x)
+        except Exception:
+            raise TypeError(
+                f"maccore.checkpoint: cannot read a {type(x).__module__}.{type(x).__name__} as a "
+                f"NumPy array ({exc}); convert it to a host NumPy array first (the framework "
+                "adapters' save_portable do)"
+            ) from exc
 
 
 def _storable(a: Any) -> Any:
+    """``a`` as stored: NumPy, low-precision floats (float16, and NumPy extension types such as
+    bfloat16, which are not a builtin kind) as float32."""
     import numpy as np  # noqa: PLC0415
 
     a = to_numpy(a)
-    if a.dtype.kind not in "biuf" or a.dtype.name == "bfloat16":
+    if a.dtype.kind not in "biuf" or (a.dtype.kind == "f" and a.dtype.itemsize < 4):
         a = a.astype(np.float32)
     return a
 

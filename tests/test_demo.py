@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from maccore import _demo
+from maccore.cli import demo as _demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # adapter attribute that implements each maccore method
@@ -86,7 +86,7 @@ def test_demo_quick_end_to_end(backend, tmp_path):
 
 
 def test_demo_rejects_unknown_names():
-    from maccore.__main__ import main
+    from maccore.cli import main
 
     with pytest.raises(SystemExit, match="unknown methods"):
         main(["demo", "--methods", "sgd,lbfgs"])
@@ -154,8 +154,6 @@ def test_torch_state_bytes_counts_maccore_state():
 
 def test_curve_rejects_nonfinite_loss_and_fail_marks_the_row():
     """A NaN/Inf loss stops a run: Curve.record raises, RunResult.fail turns it into a failed row."""
-    from maccore import _demo
-
     curve = _demo.Curve()
     curve.record(0, 1.0)
     for bad in (float("nan"), float("inf")):

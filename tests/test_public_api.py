@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ PROMISED = {
     "input_factor", "gradient_factor", "kfac_apply", "kfac_dense", "mac", "kfac", "Preconditioner",
 }
 
-CORE_MODULES = ["maccore", "maccore.ema", "maccore.rows", "maccore.mac", "maccore.kfac", "maccore.verify"]
+CORE_MODULES = ["maccore", "maccore.ema", "maccore.rows", "maccore.mac", "maccore.kfac", "maccore.testing",
+                "maccore.testing.conformance", "maccore.verify", "maccore.checkpoint", "maccore.cli"]
 
 
 def _own_doc(obj) -> str:
@@ -64,3 +66,24 @@ def test_submodule_names_reexported():
         for name in mod.__all__:
             if name in maccore.__all__:
                 assert getattr(maccore, name) is getattr(mod, name), f"maccore.{name} is not {modname}.{name}"
+
+
+def test_verify_is_the_former_name_of_testing():
+    """``maccore.verify`` (API.md) keeps working: the same objects as :mod:`maccore.testing`."""
+    testing = importlib.import_module("maccore.testing")
+    verify = importlib.import_module("maccore.verify")
+    assert list(verify.__all__) == list(testing.__all__)
+    for name in testing.__all__:
+        assert getattr(verify, name) is getattr(testing, name), name
+    assert testing.conformance is importlib.import_module("maccore.testing.conformance")
+
+
+def test_command_line_entry_points():
+    """``python -m maccore`` and the ``maccore`` script both run :func:`maccore.cli.main`."""
+    main_mod = importlib.import_module("maccore.__main__")
+    cli = importlib.import_module("maccore.cli")
+    assert main_mod.main is cli.main
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"maccore": "maccore.cli:main"}

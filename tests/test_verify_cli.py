@@ -1,5 +1,5 @@
-"""``python -m maccore verify`` and :mod:`maccore.conformance`: healthy installs pass, a perturbed
-oracle fails, and the table names every check and backend."""
+"""``python -m maccore verify`` and :mod:`maccore.testing.conformance`: healthy installs pass, a
+perturbed oracle fails, and the table names every check and backend."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maccore import conformance
-from maccore.__main__ import main
+from maccore.cli import main
+from maccore.testing import conformance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,8 @@ def test_unknown_names_are_errors():
 
 
 def test_import_maccore_stays_framework_free():
-    code = ("import sys, maccore, maccore.conformance, maccore.__main__, maccore._demo; "
+    code = ("import sys, maccore, maccore.testing, maccore.testing.conformance, maccore.verify, "
+            "maccore.cli, maccore.cli.demo, maccore.cli.verify, maccore.__main__; "
             "bad = [m for m in ('torch', 'jax', 'cupy', 'sklearn', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

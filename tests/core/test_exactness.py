@@ -1,7 +1,7 @@
-"""KFAC exactness propositions P-K1 … P-K13 (MATH.md §2) and the MAC corollary.
+"""KFAC exactness propositions P-K1 … P-K13 (the cases of ``docs/verify.md``) and the MAC corollary.
 
 The exact GGN / empirical-Fisher blocks come from the float64 NumPy oracles of
-:mod:`maccore.verify`; the library builds rows, factors, Kronecker products and damped inverses on
+:mod:`maccore.testing`; the library builds rows, factors, Kronecker products and damped inverses on
 each backend from the same data and is compared with eps-derived tolerances. Negative controls
 assert a relative error far above those tolerances.
 """
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import strategies as st
 
 import maccore as mc
-from maccore import verify
-from maccore.verify import MLPCase, backprop_grads, ef_block, ggn_block, mlp_io, reduction_factor
+from maccore import testing
+from maccore.testing import MLPCase, backprop_grads, ef_block, ggn_block, mlp_io, reduction_factor
 from tests.conftest import asarray, assert_close, to_numpy, tol
 from tests.core.helpers import kron_inv_apply, rand, rel_err, seeds, xgiven
 
@@ -320,7 +320,7 @@ def test_intermediate_pool_oracle_against_autograd():
                 sm = torch.softmax(f(theta, n_), 0).numpy()
                 H = np.diag(sm) - np.outer(sm, sm)
                 ggn = ggn + R * J.T @ H @ J
-            verify.assert_close(ggn_block(case, layer), ggn, rtol=1e-10, atol=1e-12, what=f"{pool} {layer}")
+            testing.assert_close(ggn_block(case, layer), ggn, rtol=1e-10, atol=1e-12, what=f"{pool} {layer}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def test_pk8_reduction_scaling(xp, dtype, seed, n, s, c, loss, fisher):
 def test_commutation_matrix():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3, 4))
-    K = verify.commutation_matrix(3, 4)
+    K = testing.commutation_matrix(3, 4)
     assert np.array_equal(K @ X.reshape(-1, order="F"), X.reshape(-1))
     assert np.array_equal(K @ K.T, np.eye(12))
 
@@ -399,7 +399,7 @@ def test_pk9_row_vs_column_major(xp, dtype, seed, depth, n, bias, reduction):
     layer = depth - 1
     A, G = lib_factors(xp, dtype, case, layer)
     d_out, d_t = G.shape[0], A.shape[0]
-    K = verify.commutation_matrix(d_out, d_t)
+    K = testing.commutation_matrix(d_out, d_t)
     row_major = to_numpy(mc.kfac_dense(A, G))  # G ⊗ A
     col_major = mc.kfac_dense(G, A)  # A ⊗ G
     t = tol(xp, dtype, 4)
@@ -423,7 +423,7 @@ def test_pk10_multidim_outputs(xp, dtype, seed, n, s1, s2, bias, reduction):
     t = tol(xp, dtype, 4)
     for layer in range(2):
         oracle = ggn_block(case, layer)
-        verify.assert_close(ggn_block(flat, layer), oracle, rtol=1e-10, atol=1e-12)
+        testing.assert_close(ggn_block(flat, layer), oracle, rtol=1e-10, atol=1e-12)
         multi = lib_kfac(xp, dtype, case, layer, x_shape=(s1, s2))
         assert_exact(xp, dtype, multi, oracle, f"layer {layer}")
         assert_close(lib_kfac(xp, dtype, flat, layer), to_numpy(multi), **t)

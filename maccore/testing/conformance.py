@@ -2,31 +2,32 @@
 
 Every check computes something with the core on one backend (numpy, array_api_strict, torch CPU/CUDA,
 jax, cupy: whatever is installed) and compares it with an exact float64 NumPy oracle from
-:mod:`maccore.verify` or with an independent NumPy reference. The error reported is the largest
+:mod:`maccore.testing` or with an independent NumPy reference. The error reported is the largest
 absolute deviation divided by ``max(1, max|oracle|)``; a check passes when that error stays below a
 tolerance derived from the dtype (float64: 1e-9, float32: 2e-4).
 
 Families:
 
-- ``kfac.exact.*``: the exactness propositions of MATH.md §2 (deep linear nets, expand and reduce
+- ``kfac.exact.*``: the exactness propositions of KFAC (``docs/verify.md``: deep linear nets, expand and reduce
   settings with weight sharing, a single datum through a nonlinear net): ``G ⊗ A`` built from the
   canonical rows equals the exact GGN / empirical-Fisher block. ``kfac.control.*`` are negative
   controls: an approximation that must *not* match (they pass when the error is large).
 - ``kfac.apply.*``: the three damping modes of :func:`maccore.kfac_apply` against the dense
   inverse of the damped Kronecker matrix, and the stateful :func:`maccore.kfac` against its
   ``to_dense``.
-- ``mac.*``: MAC properties of MATH.md §3.10 (rank-1 vs dense inverse, spectrum, zero mean,
+- ``mac.*``: MAC properties (rank-1 vs dense inverse, spectrum, zero mean,
   bias entry and EMA weights, attention-weighted means).
 - ``rows.*``: im2col against a naive loop oracle and the convolution it encodes.
 - ``singd.structures``: the SINGD structure classes' projections and products.
 - ``agree.*``: the backend's result equals NumPy's result for the same core call.
 
 The checks never import a framework at module import time: backends are loaded with
-:mod:`importlib` inside :func:`available_backends`, so ``import maccore`` stays framework-free.
+:mod:`importlib` inside :func:`available_backends`, so ``import maccore.testing`` stays
+framework-free.
 
 Example (NumPy only, so it runs anywhere):
 
->>> from maccore.conformance import run_checks
+>>> from maccore.testing.conformance import run_checks
 >>> results = run_checks(backends=["numpy"], dtypes=["float64"])
 >>> all(r.passed for r in results)
 True
@@ -99,7 +100,7 @@ class Backend:
                                device=self.device)
 
     def to_numpy(self, x: Any) -> Any:
-        from maccore.verify import to_numpy
+        from maccore.testing._oracles import to_numpy
 
         return to_numpy(x)
 
@@ -246,7 +247,7 @@ def _deep_linear(rng, *, n=4, s=3, d=5, widths=(6, 4, 3), bias=True):
 def _kfac_vs_block(ctx: _Ctx, case, *, reduce: bool, fisher: str = "type2") -> float:
     """Worst error of ``G ⊗ A`` (factors computed on the backend) vs the exact block, all layers."""
     import maccore as mc
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     np = _np()
     inputs, _, _ = V.mlp_io(case)
@@ -271,7 +272,7 @@ def _kfac_vs_block(ctx: _Ctx, case, *, reduce: bool, fisher: str = "type2") -> f
 @_check("kfac.exact.deep_linear_expand")
 def _kfac_expand(ctx: _Ctx) -> float:
     """P-K2/P-K3: type-II KFAC-expand == exact GGN, deep linear net with weight sharing (MSE sum/mean)."""
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     worst = 0.0
     for red in ("sum", "mean"):
@@ -285,7 +286,7 @@ def _kfac_expand(ctx: _Ctx) -> float:
 @_check("kfac.exact.deep_linear_reduce")
 def _kfac_reduce(ctx: _Ctx) -> float:
     """P-K4: type-II KFAC-reduce == exact GGN when the shared axis is pooled (sum/mean) before MSE."""
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     worst = 0.0
     for red in ("sum", "mean"):
@@ -300,7 +301,7 @@ def _kfac_reduce(ctx: _Ctx) -> float:
 @_check("kfac.exact.single_datum")
 def _kfac_single(ctx: _Ctx) -> float:
     """P-K1: one datum through a tanh MLP, CE and BCE: type-II KFAC == GGN and EF-KFAC == EF."""
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     np = _np()
     worst = 0.0
@@ -318,7 +319,7 @@ def _kfac_single(ctx: _Ctx) -> float:
 @_check("kfac.control.expand_in_reduce", negative=True)
 def _kfac_control(ctx: _Ctx) -> float:
     """Negative control: KFAC-expand is NOT the GGN in the reduce setting (must differ)."""
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     ws, bs, x = _deep_linear(ctx.rng)
     y = ctx.rng.standard_normal((x.shape[0], 1, ws[-1].shape[0]))
@@ -439,7 +440,7 @@ def _kfac_stateful(ctx: _Ctx) -> float:
 def _mac_rank1(ctx: _Ctx) -> float:
     """M-P1: rank-1 mac_apply == ∇W̃ · λ(ââᵀ+λI)⁻¹ (reference) and (ââᵀ+λI)⁻¹ (inverse); per-head."""
     import maccore as mc
-    from maccore import verify as V
+    from maccore.testing import _oracles as V
 
     np = _np()
     grad = ctx.rng.standard_normal((6, 5))
