@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import maccore as mc
 from maccore import _delegate
-from maccore.verify import mac_dense_preconditioner
+from maccore.testing import mac_dense_preconditioner
 from tests.conftest import asarray, assert_close, to_numpy, tol
 from tests.core.helpers import assert_like, kron_inv_apply, rand, seeds, stats_dtype_of, xgiven
 
