@@ -27,6 +27,7 @@ never reaches the running averages.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 from maccore import _delegate
@@ -185,7 +186,9 @@ def _reduction_factor(terms: float, *, loss_average: str | None,
     for a loss averaged over its ``terms`` terms."""
     if reduction_factor is not None:
         check_damping(reduction_factor, "reduction_factor", "reduction_factor", pair=False)
-        return float(reduction_factor)
+        if isinstance(reduction_factor, numbers.Real):
+            return float(reduction_factor)
+        return reduction_factor  # a 0-d array, e.g. traced under jax.jit: used as it is
     if loss_average not in LOSS_AVERAGES:
         raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
     if loss_average is None:

@@ -1,15 +1,24 @@
-"""maccore_jax: MAC and exact KFAC as optax transformations, with capture helpers for Flax and Equinox.
+"""maccore_jax: MAC/SMAC, exact KFAC and SINGD as optax transformations — a thin adapter over the
+core's curvature engine (:mod:`maccore.engine`, shared with ``maccore_torch``) — with capture
+helpers for Flax and Equinox.
 
-- :func:`mac` / :func:`kfac`: full optimizers (preconditioner → heavy-ball momentum → decoupled weight
-  decay → learning rate); :func:`scale_by_mac` / :func:`scale_by_kfac`: the preconditioners alone.
-  All are ``optax.GradientTransformationExtraArgs``:
-  ``tx.update(grads, state, params, activations=acts[, output_grads=gouts])``.
-- Layers: :class:`Dense`, :class:`Conv` (declared geometry), :data:`QKV` (fused attention projection),
-  layouts ``"flax"`` and ``"equinox"``.
+- :func:`mac` / :func:`kfac` / :func:`singd`: full optimizers (preconditioner → momentum and weight
+  decay in ``weight_decay_mode`` ``"decoupled"`` or ``"coupled"`` → learning rate, the update of
+  ``maccore_torch``); :func:`scale_by_mac` / :func:`scale_by_kfac` / :func:`scale_by_singd`: the
+  preconditioners alone. All are ``optax.GradientTransformationExtraArgs``:
+  ``tx.update(grads, state, params, activations=acts[, output_grads=gouts])``. Same keyword names,
+  defaults and meaning as ``maccore_torch`` (``stat_decay``, ``damping``, ``damping_mode``,
+  ``kfac_approx``, ``t_cov``, ``t_inv``, ``scale``, ``diagonal``, ``weight_decay_mode``,
+  ``loss_average``, ``reduction_factor``, ``skip_layers``).
+- :func:`fit_first_layer`: MAC's first-layer true inverse in an optimizer state.
+- Layers: :class:`Dense`, :class:`Conv` (declared geometry), :data:`QKV` (fused attention
+  projection), layouts ``"flax"`` and ``"equinox"``.
 - Capture: :mod:`maccore_jax.linen`, :mod:`maccore_jax.nnx`, :mod:`maccore_jax.equinox` (imported
   lazily), each with ``apply`` (output and layer inputs from one forward), ``output_zeros`` (the
-  perturbations whose gradients are the layer output gradients, for KFAC) and ``layer_specs``.
-- New methods plug into :func:`scale_by_curvature` as a :class:`Method`.
+  perturbations whose gradients are the layer output gradients, for KFAC/SMAC/SINGD) and
+  ``layer_specs``.
+- Any :class:`maccore.CurvatureMethod` (``mac_method``, ``kfac_method``, ``singd_method``)
+  plugs into :func:`scale_by_curvature`.
 - Reliability: ``on_nonfinite="skip"`` (default) / :func:`skip_nonfinite` skip a step with NaN/Inf
   exactly (zero updates, state unchanged); :func:`save_portable` / :func:`load_portable` write and
   read framework-neutral checkpoints (:mod:`maccore.checkpoint`) that ``maccore_torch`` reads too.
@@ -18,36 +27,28 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
+from maccore.engine import CurvatureMethod, kfac_method, mac_method, singd_method
+
+from maccore_jax.first_layer import fit_first_layer
+from maccore_jax.optimizers import MomentumState, kfac, mac, momentum, scale_by_kfac, scale_by_mac
+# (imported from the submodule, which is then loaded: ``maccore_jax.singd`` is the function)
+from maccore_jax.singd import scale_by_singd, singd
 from maccore_jax.portable import load_portable, save_portable
-from maccore_jax.singd import SingdLayerState, scale_by_singd, singd, singd_method
 from maccore_jax.specs import QKV, Conv, Dense, Layer
-from maccore_jax.transform import (
-    AttentionMacState,
-    CurvatureState,
-    Method,
-    MomentumState,
-    kfac,
-    kfac_method,
-    mac,
-    mac_method,
-    momentum,
-    scale_by_curvature,
-    scale_by_kfac,
-    scale_by_mac,
-    skip_nonfinite,
-)
+from maccore_jax.transform import CurvatureState, scale_by_curvature, skip_nonfinite
 
 __all__ = [
-    "AttentionMacState",
     "Conv",
+    "CurvatureMethod",
     "CurvatureState",
     "Dense",
     "Layer",
-    "Method",
     "MomentumState",
     "QKV",
     "equinox",
+    "fit_first_layer",
     "kfac",
     "kfac_method",
     "linen",
@@ -63,14 +64,19 @@ __all__ = [
     "scale_by_singd",
     "singd",
     "singd_method",
-    "SingdLayerState",
     "skip_nonfinite",
 ]
 
 _LAZY = ("linen", "nnx", "equinox")
+_DEPRECATED = {"Method": "CurvatureMethod"}  # the adapter's former plug-in type: the core protocol
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"maccore_jax.{name}")
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"maccore_jax.{name} is deprecated; use maccore.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[new]
     raise AttributeError(f"module 'maccore_jax' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """JAX half of ``python -m maccore demo`` (``--backend jax``).
 
 The same experiment as the torch demo (data, hyper-parameters and reporting from
-:mod:`maccore._demo`): an MLP and a CNN on scikit-learn's digits and a tiny transformer (fused qkv
-dense layer declared as attention) on a generated sorting task, trained with ``optax.sgd``,
+:mod:`maccore.cli.demo`): an MLP and a CNN on scikit-learn's digits and a tiny transformer (fused
+qkv dense layer declared as attention) on a generated sorting task, trained with ``optax.sgd``,
 ``optax.adamw`` and the optax transformations ``maccore_jax.mac``, ``kfac`` and ``singd``.
 
 The models are plain functions over Flax-layout parameter dicts (a layer is ``{"kernel": [d_in,
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maccore import _demo
-from maccore._demo import DemoConfig, RunResult, Unavailable
+from maccore.cli import demo as _demo
+from maccore.cli.demo import DemoConfig, RunResult, Unavailable
 
 __all__ = ["init_model", "forward", "build_optimizer", "state_bytes", "run"]
 

@@ -26,28 +26,44 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from maccore import checkpoint as ck
+from maccore import engine
 
+from maccore_jax.optimizers import MomentumState
 from maccore_jax.specs import _keys, discover
-from maccore_jax.transform import CurvatureState, MomentumState
+from maccore_jax.transform import CurvatureState
 
 __all__ = ["save_portable", "load_portable"]
 
+def _to_numpy(x: Any) -> np.ndarray:
+    """A JAX array as a host NumPy array for :mod:`maccore.checkpoint` (which knows no framework).
+    bfloat16 arrays come out as NumPy's ``ml_dtypes`` bfloat16, which the checkpoint stores as
+    float32; loading casts every array back to the dtype of the template state."""
+    return np.asarray(jax.device_get(x))
+
+
 # per-layer state type → method (by name: method plug-ins need not be imported here)
-_METHODS = {"MacState": "MAC", "AttentionMacState": "MAC", "KfacState": "KFAC",
-            "SingdLayerState": "SINGD"}
+_METHODS = {"MacState": "MAC", "KfacState": "KFAC", "SingdState": "SINGD"}
 
 
-def _unwrap(st: Any) -> tuple[Any, int | None]:
-    """``(core state, update count)``: a SINGD layer state wraps the core state with its count."""
-    if type(st).__name__ == "SingdLayerState":
-        return st.singd, int(st.updates)
-    return st, None
+def _kind(st: Any) -> str:
+    name = type(st).__name__
+    if name == "MacState" and st.diag is not None:
+        return "SMAC"
+    return _METHODS.get(name, name.upper())
 
 
-def _rewrap(template: Any, core: Any, updates: int) -> Any:
-    if type(template).__name__ == "SingdLayerState":
-        return template._replace(singd=core, updates=jnp.asarray(updates, template.updates.dtype))
-    return core
+def _unwrap(st: Any) -> tuple[Any, dict]:
+    """``(core state, extras)``: MAC's fixed first-layer inverse is saved as the entry's extra
+    ``first_inv`` (as ``maccore_torch`` saves it), not as a state field."""
+    fi = getattr(st, "first_inv", None)
+    return (st, {}) if fi is None else (st._replace(first_inv=None), {"first_inv": fi})
+
+
+def _rewrap(core: Any, extra: Mapping[str, Any]) -> Any:
+    fi = extra.get("first_inv")
+    if fi is None:
+        return core
+    return engine.with_first_layer(core, jnp.asarray(np.asarray(fi), core.mean.value.dtype))
 
 
 def _find(state: Any, kind: type) -> list:
@@ -102,7 +118,7 @@ def _parts(state: Any, params: Any, where: str):
 
 
 def _method(curv: CurvatureState, where: str) -> str:
-    kinds = {_METHODS.get(type(s).__name__, type(s).__name__.upper()) for s in curv.layers.values()}
+    kinds = {_kind(s) for s in curv.layers.values()}
     if len(kinds) > 1:
         raise ValueError(f"{where}: layers hold states of several methods {sorted(kinds)}")
     return kinds.pop() if kinds else "MAC"
@@ -147,28 +163,29 @@ def save_portable(
     with_momentum = mom is not None and int(mom.count) > 0
     entries = {}
     for n, layer in found.items():
-        core, count = _unwrap(curv.layers[n])
+        core, extra = _unwrap(curv.layers[n])
         arrays, types = ck.flatten_state(core)
         m = None
         if with_momentum:
             gb = None if layer.bias_index is None else leaves[layer.bias_index]
-            m = ck.to_numpy(layer.grad_mat(leaves[layer.weight_index], gb))
+            m = _to_numpy(layer.grad_mat(leaves[layer.weight_index], gb))
         entries[n] = ck.LayerEntry(
             kind=layer.kind.value,
             d_out=layer.d_out,
             d_tilde=layer.d_tilde,
             has_bias=layer.has_bias,
-            state={k: ck.to_numpy(v) for k, v in arrays.items()},
+            state={k: _to_numpy(v) for k, v in arrays.items()},
             state_types=types,
-            updates=_updates(core) if count is None else count,
+            updates=_updates(core),
             momentum=m,
+            extra={k: _to_numpy(v) for k, v in extra.items()},
         )
     others = {}
     if with_momentum:
         taken = _layer_leaves(found)
         for i, (name, leaf) in enumerate(zip(_leaf_names(tree), leaves)):
             if i not in taken:
-                others[name] = ck.to_numpy(leaf)
+                others[name] = _to_numpy(leaf)
     ck.save(
         path,
         ck.Checkpoint(
@@ -221,13 +238,13 @@ def load_portable(
     for n in found:
         e = entries[n]
         lw = f"{where}: layer {n!r}"
-        if e.extra:
+        if set(e.extra) - {"first_inv"}:
             raise ValueError(
-                f"{lw}: entries {sorted(e.extra)} are not supported by maccore_jax (e.g. MAC's fixed "
-                "first-layer inverse of maccore_torch's fit_first_layer)"
+                f"{lw}: entries {sorted(set(e.extra) - {'first_inv'})} are not supported by "
+                "maccore_jax"
             )
         core = ck.unflatten_state(_unwrap(curv.layers[n])[0], e.state, e.state_types, where=lw)
-        new_layers[n] = _rewrap(curv.layers[n], core, e.updates)
+        new_layers[n] = _rewrap(core, e.extra)
     step = jnp.asarray(ckpt.step, dtype=curv.count.dtype)
     replacements = {id(curv): CurvatureState(step, new_layers)}
     if mom is not None:

@@ -11,14 +11,16 @@ Everything here is shape bookkeeping; the maths is in :mod:`maccore`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import maccore
 from maccore import LayerKind, QkvSpec
 
-__all__ = ["Dense", "Conv", "QKV", "Layer", "LAYOUTS", "layer_name", "discover", "lookup"]
+__all__ = [
+    "Dense", "Conv", "QKV", "Layer", "LAYOUTS", "layer_name", "discover", "lookup", "skip_names",
+]
 
 LAYOUTS = {"flax": "kernel", "equinox": "weight"}
 QKV = QkvSpec  # maccore_jax.QKV(num_heads=..., mode="reference"|"per_head"|"off", causal=False)
@@ -84,12 +86,19 @@ class Layer:
         return w, None if b is None else b.reshape(self.bias_shape)
 
     # ---- inputs and output gradients -------------------------------------------------------------
-    def _nchw(self, a: Any) -> Any:
-        return jnp.transpose(a, (0, 3, 1, 2)) if self.layout == "flax" else a
+    def nchw(self, a: Any) -> Any:
+        """A conv layer's input or output gradient in the core's NCHW layout (Flax arrays are NHWC);
+        any other array as it is."""
+        if self.kind is LayerKind.CONV2D and self.layout == "flax":
+            return jnp.transpose(a, (0, 3, 1, 2))
+        return a
 
     def core_spec(self, x_nchw: Any | None = None) -> maccore.LayerSpec:
+        """The :class:`maccore.LayerSpec` of this layer. A conv layer's geometry (its padding may
+        depend on the input size) needs the NCHW input ``x_nchw``; without it the spec carries the
+        sizes only (enough for ``init`` and ``apply``)."""
         conv = None
-        if self.kind is LayerKind.CONV2D:
+        if self.kind is LayerKind.CONV2D and x_nchw is not None:
             c = self.conv
             k = self._canonical_shape()[2:]
             conv = maccore.ConvSpec(
@@ -135,10 +144,10 @@ class Layer:
         if self.kind is LayerKind.LINEAR:
             want = xs[:-1] + [self.d_out]
         else:
-            spec = self.core_spec(self._nchw(x))
+            spec = self.core_spec(self.nchw(x))
             c = spec.conv
             oh, ow = maccore.conv2d_output_size(
-                tuple(self._nchw(x).shape[2:]),
+                tuple(self.nchw(x).shape[2:]),
                 c.kernel_size,
                 stride=c.stride,
                 padding=c.padding,
@@ -154,34 +163,6 @@ class Layer:
                 f"layer {self.name!r}: output_grads of shape {gs} do not match its output "
                 f"{want} (input {xs}, weight {list(self.weight_shape)})"
             )
-
-    def rows(self, x: Any, *, reduce: bool = False) -> Any:
-        if self.kind is LayerKind.LINEAR:
-            return maccore.linear_rows(x, bias=self.has_bias, reduce=reduce)
-        xn = self._nchw(x)
-        return maccore.to_rows(self.core_spec(xn), xn, reduce=reduce)
-
-    def grad_rows(self, g: Any, *, reduce: bool = False) -> Any:
-        if self.kind is LayerKind.LINEAR:
-            return maccore.grad_rows(g, reduce=reduce)
-        return maccore.conv2d_grad_rows(self._nchw(g), reduce=reduce)
-
-    def mean(self, x: Any) -> Any:
-        """ā, the mean input row (conv: without materialising the patches)."""
-        if self.kind is LayerKind.LINEAR:  # mean of x, then the constant 1 (no [R, d̃] copy)
-            mean = maccore.mean_activation(maccore.linear_rows(x, bias=False))
-            return jnp.concatenate([mean, jnp.ones((1,), mean.dtype)]) if self.has_bias else mean
-        xn = self._nchw(x)
-        c = self.core_spec(xn).conv
-        return maccore.conv2d_mean_patch(
-            xn,
-            c.kernel_size,
-            stride=c.stride,
-            padding=c.padding,
-            dilation=c.dilation,
-            bias=self.has_bias,
-            groups=c.groups,
-        )
 
     def forward(self, x: Any, w: Any, b: Any) -> Any:
         """Output of a dense layer (used to recompute a fused qkv projection's attention)."""
@@ -248,19 +229,31 @@ def lookup(tree: Any, what: str) -> dict[str, Any]:
 _UNSET = object()
 
 
+def skip_names(skip: Iterable[str] | None) -> list[str]:
+    """The layer names of ``skip_layers`` (an iterable of names, as for ``maccore_torch``)."""
+    if skip is None:
+        return []
+    names = None if isinstance(skip, str) else list(skip)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"skip_layers must be a list of layer names, got {skip!r}")
+    return names
+
+
 def discover(
     tree: Any,
     *,
     layout: str,
     layers: Mapping[str, Any] | None = None,
     attention: Mapping[str, QkvSpec] | None = None,
+    skip: Iterable[str] | None = None,
 ) -> tuple[dict[str, Layer], list, Any]:
     """Find the preconditioned layers of a params/gradients tree.
 
     Returns ``(layers, leaves, treedef)``: ``layers`` maps names to :class:`Layer` (in tree order),
     ``leaves`` are the flattened leaves that ``Layer.weight_index``/``bias_index`` index.
     ``layers`` entries: :class:`Dense`, :class:`Conv`, :data:`QKV` or ``None`` (not preconditioned);
-    a 2-D weight defaults to :class:`Dense`, a 4-D weight needs a :class:`Conv` entry.
+    a 2-D weight defaults to :class:`Dense`, a 4-D weight needs a :class:`Conv` entry. ``skip``:
+    layer names left unpreconditioned (as ``layers={name: None}``; wins over ``attention``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
@@ -270,6 +263,7 @@ def discover(
         if not isinstance(v, QkvSpec):
             raise TypeError(f"attention[{layer_name(k)!r}] must be a maccore_jax.QKV, got {v!r}")
         cfg[layer_name(k)] = v
+    cfg.update({name: None for name in skip_names(skip)})
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     nodes: dict[tuple, dict[str, int]] = {}
     for i, (path, _) in enumerate(flat):
@@ -302,7 +296,7 @@ def discover(
     unknown = sorted(set(cfg) - seen)
     if unknown:
         raise ValueError(
-            f"layers/attention name unknown layers {unknown}; the tree has layers "
+            f"layers/attention/skip_layers name unknown layers {unknown}; the tree has layers "
             f"{sorted(seen)} (layout={layout!r})"
         )
     if (

@@ -1,14 +1,23 @@
-"""optax transformations: one schedule engine (:func:`scale_by_curvature`) and one :class:`Method` per
-curvature method (MAC, KFAC; a third plugs in the same way).
+"""The optax glue of the core engine: :func:`scale_by_curvature` drives any
+:class:`maccore.CurvatureMethod` (MAC/SMAC, KFAC, SINGD — :mod:`maccore.engine`) over a
+parameter tree, and :func:`skip_nonfinite` makes a transformation skip non-finite steps exactly.
 
-``tx.update(grads, state, params, activations=acts, output_grads=gouts, **extra)``:
+``tx.update(grads, state, params, activations=acts, output_grads=gouts, reduction_factor=R)``, per
+preconditioned layer (:func:`maccore_jax.specs.discover`), with ``(collect, refresh) =
+maccore.engine.schedule(count, t_cov=..., t_inv=...)``:
 
-1. at ``count % t_cov == 0`` every layer's batch statistics (``Method.statistics``) are computed,
-   averaged across devices (``lax.pmean`` over ``axis_name``) and folded into the running averages;
-2. at ``count % t_inv == 0`` the caches are rebuilt (``Method.refresh``); both happen at count 0;
-3. every layer's gradient is preconditioned (``Method.apply``); other leaves pass through.
+1. ``collect``: ``method.input_statistics`` of the layer input (fused qkv layers also get the
+   attention probabilities, recomputed from the projection output), ``method.grad_statistics`` of
+   the output gradient (methods that want it), ``method.finalize`` (the loss reduction:
+   ``reduction_factor=`` of this update, else the method's own), ``lax.pmean`` over
+   ``axis_name``, ``method.update``;
+2. ``refresh``: ``method.refresh``;
+3. every step: ``method.apply`` to the layer's gradient matrix ``[d_out, d̃]``; other leaves pass
+   through.
 
-Both schedule branches are ``lax.cond`` on the traced count, so the update jits as a whole.
+Both branches are ``lax.cond`` on the traced count, so the update jits as a whole. The adapter only
+moves arrays between layouts (Flax/Equinox ↔ the core's row-major ``[W | b]``, NHWC ↔ NCHW); every
+formula is the engine's, shared with ``maccore_torch``.
 
 Non-finite steps (``on_nonfinite``, :func:`skip_nonfinite`): a step whose gradients, statistics,
 refreshed caches or updates hold NaN/Inf returns zero updates and the state exactly as it was
@@ -19,8 +28,7 @@ refreshed caches or updates hold NaN/Inf returns zero updates and the state exac
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import array_api_compat
 import jax
@@ -28,98 +36,118 @@ import jax.numpy as jnp
 import maccore
 import optax
 from jax import lax
+from maccore import engine
 
-from maccore_jax.specs import Layer, discover, layer_name, lookup
+from maccore_jax.specs import Layer, discover, layer_name, lookup, skip_names
+from maccore_jax.validation import check_on_nonfinite, check_period
 
 __all__ = [
     "CurvatureState",
-    "AttentionMacState",
-    "MomentumState",
-    "Method",
+    "curvature_states",
     "scale_by_curvature",
-    "mac_method",
-    "kfac_method",
-    "scale_by_mac",
-    "scale_by_kfac",
-    "mac",
-    "kfac",
-    "momentum",
     "skip_nonfinite",
 ]
 
-_NONFINITE = (None, "skip", "raise")
-
-
-def _xp() -> Any:
-    return array_api_compat.array_namespace(jnp.zeros(()))
+XP = array_api_compat.array_namespace(jnp.zeros(()))
 
 
 class CurvatureState(NamedTuple):
-    """``count``: optimizer steps taken (0-d int32); ``layers``: per-layer core states by layer name."""
+    """``count``: optimizer steps taken (0-d int32); ``layers``: the engine's per-layer states by
+    layer name (``method.init``: a fused qkv layer's MAC state is one :class:`maccore.MacState`
+    with ``[3, d̃]`` — or per head ``[3H, d̃]`` — factors, as in ``maccore_torch``)."""
 
     count: jax.Array
     layers: dict[str, Any]
 
 
-class Method(NamedTuple):
-    """What a curvature method does with one layer; the engine handles trees, schedule and devices.
+def _is_curvature(x: Any) -> bool:
+    return isinstance(x, CurvatureState)
 
-    - ``init(layer, dtype) -> state``
-    - ``statistics(layer, x, g, w, b, extra) -> pytree``: this batch's statistics from the layer input
-      ``x``, output gradient ``g`` (``None`` unless ``needs_output_grads``) and parameters ``w``, ``b``
-      (``None`` unless ``needs_params(layer)``); the engine averages them across devices.
-    - ``update(layer, state, stats) -> state`` (fold into the EMAs), ``refresh(layer, state) -> state``,
-      ``apply(layer, state, grad_mat) -> grad_mat``.
-    """
 
-    name: str
-    init: Callable[..., Any]
-    statistics: Callable[..., Any]
-    update: Callable[..., Any]
-    refresh: Callable[..., Any]
-    apply: Callable[..., Any]
-    needs_output_grads: bool = False
-    needs_params: Callable[[Layer], bool] = lambda layer: False
+def curvature_states(state: Any) -> list[CurvatureState]:
+    """Every :class:`CurvatureState` inside an optax state (e.g. of ``optax.chain(...)``)."""
+    return [x for x in jax.tree.leaves(state, is_leaf=_is_curvature) if _is_curvature(x)]
+
+
+def map_curvature_states(fn: Callable[[CurvatureState], CurvatureState], state: Any) -> Any:
+    """``state`` with every :class:`CurvatureState` inside replaced by ``fn(it)``."""
+    return jax.tree.map(lambda x: fn(x) if _is_curvature(x) else x, state, is_leaf=_is_curvature)
+
+
+def _stats_dtype(dtype: Any) -> Any:
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def scale_by_curvature(
-    method: Method,
+    method: maccore.CurvatureMethod,
     *,
     t_cov: int = 5,
     t_inv: int = 50,
     layers: Mapping | None = None,
+    skip_layers: Iterable[str] | None = None,
     attention: Mapping | None = None,
     layout: str = "flax",
     axis_name: str | None = None,
     on_nonfinite: str | None = "skip",
+    lr_cov: float | Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Precondition the gradients of every discovered layer with ``method`` (see module docstring).
+    """Precondition the gradients of every discovered layer with ``method`` (module docstring).
 
-    ``on_nonfinite``: ``"skip"`` (zero updates, curvature state unchanged), ``"raise"`` or ``None``
-    (no check); see :func:`skip_nonfinite`.
+    Args:
+        method: a :class:`maccore.CurvatureMethod` (``maccore.mac_method(...)``,
+            ``maccore.kfac_method(...)``, ``maccore.singd_method(...)``).
+        t_cov, t_inv: statistics every ``t_cov`` steps, cache refresh every ``t_inv`` steps
+            (both at step 0).
+        layers: ``{layer name: Dense() | Conv(...) | QKV(...) | None}``; conv layers must be
+            declared, ``None`` leaves a layer unpreconditioned (its gradient passes through).
+        skip_layers: layer names left unpreconditioned (the same as ``layers={name: None}``, as
+            ``maccore_torch``'s keyword).
+        attention: ``{layer name: QKV(num_heads=...)}`` for fused qkv dense layers (output layout
+            (3, H, d_h)); MAC then needs ``params`` in ``update`` (the attention probabilities are
+            recomputed from the projection output).
+        layout: ``"flax"`` (``kernel`` [d_in, d_out] / HWIO, NHWC inputs) or ``"equinox"``
+            (``weight`` [d_out, d_in] / OIHW, NCHW inputs).
+        axis_name: average the statistics over this mapped axis (``shard_map``/``pmap``); the
+            gradients are averaged by the caller, as usual with optax (``lax.pmean``). Every device
+            holds a shard of the same shape, so the engine's row-weighted mean is the plain mean:
+            with equal shards this reproduces the single-device statistics of the full batch
+            (KFAC/SINGD: the loss reduction is per device, e.g. ``loss_average="batch"``).
+        on_nonfinite: ``"skip"`` (default): a step with NaN/Inf gradients, statistics or updates
+            returns zero updates and leaves the curvature state unchanged; ``"raise"``; ``None``
+            (no check). Wrap your whole chain in :func:`skip_nonfinite` to keep its momenta too.
+        lr_cov: SINGD's preconditioner learning rate, a number or a schedule of the step count,
+            passed to ``method.update(..., lr_cov=)``; ``None`` uses the method's own.
+
+    ``update(..., reduction_factor=R)`` overrides the method's loss reduction for that update
+    (KFAC, SINGD).
     """
-    if not isinstance(method, Method):
-        raise TypeError(f"scale_by_curvature: method must be a maccore_jax.Method, got {method!r}")
+    if not isinstance(method, maccore.CurvatureMethod):
+        raise TypeError(
+            f"scale_by_curvature: method must be a maccore.CurvatureMethod (e.g. "
+            f"maccore.mac_method()), got {type(method).__name__}"
+        )
     where = f"scale_by_{method.name}"
-    for nm, v in (("t_cov", t_cov), ("t_inv", t_inv)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{where}: {nm} must be a positive integer, got {v!r}")
-    _check_on_nonfinite(on_nonfinite, where)
-
-    excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None}
+    t_cov = check_period(t_cov, "t_cov", where)
+    t_inv = check_period(t_inv, "t_inv", where)
+    check_on_nonfinite(on_nonfinite, where)
+    skip = skip_names(skip_layers)
+    excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None} | set(skip)
 
     def find(tree):
-        return discover(tree, layout=layout, layers=layers, attention=attention)
+        return discover(tree, layout=layout, layers=layers, attention=attention, skip=skip)
 
     def init_fn(params):
         found, leaves, _ = find(params)
         states = {}
         for n, layer in found.items():
-            dt = leaves[layer.weight_index].dtype
-            states[n] = method.init(layer, jnp.float64 if dt == jnp.float64 else jnp.float32)
+            dtype = _stats_dtype(leaves[layer.weight_index].dtype)
+            with _layer_errors(where, n):
+                states[n] = method.init(layer.core_spec(), xp=XP, dtype=dtype)
         return CurvatureState(jnp.zeros((), jnp.int32), states)
 
-    def update_fn(updates, state, params=None, *, activations=None, output_grads=None, **extra):
+    def update_fn(updates, state, params=None, *, activations=None, output_grads=None,
+                  reduction_factor=None, **extra):
+        del extra  # other transformations' arguments (optax.chain passes them to everyone)
         if params is not None:
             _check_like(updates, params, where)
         found, leaves, treedef = find(updates)
@@ -128,51 +156,66 @@ def scale_by_curvature(
                 f"{where}: the state was initialised for layers {sorted(state.layers)} but "
                 f"the gradients have layers {sorted(found)}"
             )
-        acts = _match(activations, found, "activations", where, excluded)
-        gouts = (
-            _match(output_grads, found, "output_grads", where, excluded)
-            if method.needs_output_grads
-            else {}
-        )
-        pleaves = None
-        if any(method.needs_params(layer) for layer in found.values()):
-            if params is None:
-                raise ValueError(f"{where}: attention layers need params= in update")
-            pleaves = find(params)[1]
+        acts = _match(activations, found, list(found), "activations", where, excluded)
         for n, layer in found.items():
             layer.check_input(acts[n])
-            if method.needs_output_grads:
-                layer.check_output_grad(acts[n], gouts[n])
+        xs = {n: layer.nchw(acts[n]) for n, layer in found.items()}
+        specs = {n: layer.core_spec(xs[n]) for n, layer in found.items()}
+        want_g = [n for n in found if method.wants_grads(specs[n])]
+        gouts = {}
+        if want_g:
+            gouts = _match(output_grads, found, want_g, "output_grads", where, excluded)
+            for n in want_g:
+                found[n].check_output_grad(acts[n], gouts[n])
+        want_attn = [n for n in found if method.wants_attention(specs[n])]
+        pleaves = None
+        if want_attn:
+            if params is None:
+                raise ValueError(
+                    f"{where}: attention layers {want_attn} need params= in update (their "
+                    "attention probabilities are recomputed from the projection output)"
+                )
+            pleaves = find(params)[1]
+        beta = lr_cov(state.count) if callable(lr_cov) else lr_cov
+        if hasattr(beta, "ndim"):
+            beta = jnp.reshape(jnp.asarray(beta), ())
 
         def collect(ls):
             new = {}
             for n, layer in found.items():
-                w = b = None
-                if pleaves is not None and method.needs_params(layer):
-                    w = pleaves[layer.weight_index]
-                    b = None if layer.bias_index is None else pleaves[layer.bias_index]
+                spec, st, x = specs[n], ls[n], xs[n]
                 with _layer_errors(where, n):
-                    stats = method.statistics(layer, acts[n], gouts.get(n), w, b, extra)
-                    if axis_name is not None:
-                        stats = jax.tree.map(lambda s: lax.pmean(s, axis_name), stats)
-                    new[n] = method.update(layer, ls[n], stats)
+                    stats = {}
+                    if method.wants_input(spec, st):
+                        attn = _attention(layer, spec, x, pleaves) if n in want_attn else None
+                        stats = method.input_statistics(spec, st, x, attn=attn)
+                    if n in want_g:
+                        g = method.grad_statistics(spec, st, layer.nchw(gouts[n]))
+                        stats = engine.pool_stats(stats, g)
+                    final = method.finalize(spec, st, stats, reduction_factor=reduction_factor)
+                    values = {k: v for k, (v, _) in final.items()}
+                    if axis_name is not None:  # equal weights on every device (same shapes):
+                        # the engine's weight-weighted mean across devices is the plain mean
+                        values = {k: lax.pmean(v, axis_name) for k, v in values.items()}
+                    new[n] = method.update(spec, st, values, lr_cov=beta)
             return new
 
         def refresh(ls):
             new = {}
-            for n, layer in found.items():
+            for n in found:
                 with _layer_errors(where, n):
-                    new[n] = method.refresh(layer, ls[n])
+                    new[n] = method.refresh(specs[n], ls[n])
             return new
 
+        due_stats, due_refresh = engine.schedule(state.count, t_cov=t_cov, t_inv=t_inv)
         ls = dict(state.layers)
-        ls = lax.cond(maccore.is_due(state.count, t_cov), collect, lambda s: s, ls)
-        ls = lax.cond(maccore.is_due(state.count, t_inv), refresh, lambda s: s, ls)
+        ls = lax.cond(due_stats, collect, lambda s: s, ls)
+        ls = lax.cond(due_refresh, refresh, lambda s: s, ls)
         out = list(leaves)
         for n, layer in found.items():
             gb = None if layer.bias_index is None else leaves[layer.bias_index]
             with _layer_errors(where, n):
-                mat = method.apply(layer, ls[n], layer.grad_mat(leaves[layer.weight_index], gb))
+                mat = method.apply(specs[n], ls[n], layer.grad_mat(leaves[layer.weight_index], gb))
             w, b = layer.split(mat)
             out[layer.weight_index] = w
             if b is not None:
@@ -184,6 +227,15 @@ def scale_by_curvature(
     return skip_nonfinite(
         optax.GradientTransformationExtraArgs(init_fn, update_fn), on_nonfinite=on_nonfinite
     )
+
+
+def _attention(layer: Layer, spec: maccore.LayerSpec, x: Any, pleaves: list) -> Any:
+    """The attention probabilities ``[B, H, N, N]`` of a fused qkv layer, from q and k of its
+    output (recomputed from the input and the current parameters)."""
+    w = pleaves[layer.weight_index]
+    b = None if layer.bias_index is None else pleaves[layer.bias_index]
+    q, k, _ = maccore.split_qkv(layer.forward(x, w, b), spec.qkv.num_heads)
+    return maccore.attention_probs(q, k, causal=spec.qkv.causal)
 
 
 def _check_like(updates: Any, params: Any, where: str) -> None:
@@ -203,12 +255,14 @@ def _check_like(updates: Any, params: Any, where: str) -> None:
         if su != sp:
             raise ValueError(
                 f"{where}: gradient {jax.tree_util.keystr(path)} has shape "
-                f"{None if su is None else list(su)}, the parameter {None if sp is None else list(sp)}"
+                f"{None if su is None else list(su)}, the parameter "
+                f"{None if sp is None else list(sp)}"
             )
 
 
 class _layer_errors:
-    """Re-raise core errors (``DecompositionError``, ``ValueError``, ``TypeError``) naming the layer."""
+    """Re-raise core errors (``DecompositionError``, ``ValueError``, ``TypeError``) naming the
+    layer."""
 
     def __init__(self, where: str, name: str):
         self.prefix = f"{where}: layer {name!r}"
@@ -228,26 +282,45 @@ class _layer_errors:
         raise renamed from exc
 
 
-def _check_on_nonfinite(on_nonfinite: Any, where: str) -> None:
-    if on_nonfinite not in _NONFINITE:
-        raise ValueError(f"{where}: on_nonfinite must be one of {_NONFINITE}, got {on_nonfinite!r}")
+def _match(tree: Any, found: dict[str, Layer], need: list[str], what: str, where: str,
+           excluded: set) -> dict[str, Any]:
+    """``{layer name: array}`` of ``tree`` for the layers ``need`` (entries for other
+    preconditioned or excluded layers are allowed, entries for unknown layers are not)."""
+    if tree is None:
+        raise ValueError(
+            f"{where}: update needs {what}= (a tree like params with each layer's "
+            f"{'input' if what == 'activations' else 'output gradient'}), for layers {need}"
+        )
+    got = lookup(tree, what)
+    missing = [n for n in need if n not in got]
+    if missing:
+        desc = ", ".join(
+            f"{n!r} ({found[n].layout} weight {list(found[n].weight_shape)})" for n in missing
+        )
+        raise ValueError(
+            f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
+            f"with skip_layers=[name] (or layers={{name: None}}). {what} has {sorted(got)}"
+        )
+    extra = sorted(set(got) - set(found) - excluded)
+    if extra:
+        raise ValueError(
+            f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
+            f"gradient tree (layers: {sorted(found)})"
+        )
+    return got
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    flags = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not flags:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack(flags))
-
-
+# ---- non-finite steps -----------------------------------------------------------------------------
 _NONFINITE_MSG = (
     "maccore_jax: non-finite gradients, statistics or updates; the step was skipped and the "
     "optimizer state left unchanged"
 )
+
+
+def _all_finite(tree: Any) -> Any:
+    """:func:`maccore.engine.all_finite` of every floating leaf of ``tree`` (a 0-d bool array)."""
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+    return jnp.asarray(engine.all_finite(leaves))
 
 
 def _raise_if_bad(ok: Any) -> None:
@@ -270,10 +343,11 @@ def skip_nonfinite(
             ``jax.errors.JaxRuntimeError`` carrying the message; ``None`` returns ``inner`` as is.
 
     Unlike ``optax.apply_if_finite`` it keeps no counter of its own and never lets a non-finite
-    step through. :func:`mac` and :func:`kfac` wrap their whole chain with it; ``scale_by_*``
-    wrap only the preconditioner (the rest of your chain then sees zero updates).
+    step through. :func:`maccore_jax.mac`, :func:`~maccore_jax.kfac` and
+    :func:`~maccore_jax.singd` wrap their whole chain with it; ``scale_by_*`` wrap only the
+    preconditioner (the rest of your chain then sees zero updates).
     """
-    _check_on_nonfinite(on_nonfinite, "skip_nonfinite")
+    check_on_nonfinite(on_nonfinite, "skip_nonfinite")
     inner = optax.with_extra_args_support(inner)
     if on_nonfinite is None:
         return inner
@@ -297,359 +371,3 @@ def skip_nonfinite(
         return out, jax.tree.map(pick, new_state, state)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
-
-
-def _match(
-    tree: Any, found: dict[str, Layer], what: str, where: str, excluded: set
-) -> dict[str, Any]:
-    if tree is None:
-        raise ValueError(
-            f"{where}: update needs {what}= (a tree like params with each layer's "
-            f"{'input' if what == 'activations' else 'output gradient'}), for layers {list(found)}"
-        )
-    got = lookup(tree, what)
-    missing = [n for n in found if n not in got]
-    if missing:
-        desc = ", ".join(
-            f"{n!r} ({found[n].layout} weight {list(found[n].weight_shape)})" for n in missing
-        )
-        raise ValueError(
-            f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
-            f"with layers={{name: None}}. {what} has {sorted(got)}"
-        )
-    extra = sorted(set(got) - set(found) - excluded)
-    if extra:
-        raise ValueError(
-            f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
-            f"gradient tree (layers: {sorted(found)})"
-        )
-    return got
-
-
-# ---- MAC -------------------------------------------------------------------------------------------
-class AttentionMacState(NamedTuple):
-    """A fused qkv layer: ``main`` (ā, for the Q and K rows) and ``value`` (attention-weighted v̄)."""
-
-    main: maccore.MacState
-    value: maccore.MacState
-
-
-def mac_method(
-    *, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "reference"
-) -> Method:
-    """MAC (MATH.md §3): ā per layer, the attention-weighted v̄ for the V rows of declared qkv layers."""
-    pc = maccore.mac(decay=stat_decay, damping=damping, scale=scale)
-
-    def init(layer, dtype):
-        st = pc.init(layer.d_tilde, layer.d_out, xp=_xp(), dtype=dtype)
-        if layer.qkv is None:
-            return st
-        heads = layer.qkv.num_heads if layer.qkv.mode == "per_head" else None
-        return AttentionMacState(
-            st, pc.init(layer.d_tilde, layer.d_out, xp=_xp(), heads=heads, dtype=dtype)
-        )
-
-    def statistics(layer, x, g, w, b, extra):
-        if layer.qkv is None:
-            return layer.mean(x)
-        q, k, _ = maccore.split_qkv(layer.forward(x, w, b), layer.qkv.num_heads)
-        attn = maccore.attention_probs(q, k, causal=layer.qkv.causal)
-        return layer.mean(x), maccore.attention_weighted_mean(
-            x, attn, bias=layer.has_bias, mode=layer.qkv.mode
-        )
-
-    def update(layer, st, stats):
-        if layer.qkv is None:
-            return pc.update(st, mean=stats)
-        return AttentionMacState(
-            pc.update(st.main, mean=stats[0]), pc.update(st.value, mean=stats[1])
-        )
-
-    def refresh(layer, st):
-        if layer.qkv is None:
-            return pc.refresh(st)
-        return AttentionMacState(pc.refresh(st.main), pc.refresh(st.value))
-
-    def apply(layer, st, mat):
-        if layer.qkv is None:
-            return pc.apply(st, mat)
-        d = layer.d_out // 3
-        return jnp.concatenate(
-            [pc.apply(st.main, mat[: 2 * d]), pc.apply(st.value, mat[2 * d :])], axis=0
-        )
-
-    return Method(
-        "mac",
-        init,
-        statistics,
-        update,
-        refresh,
-        apply,
-        needs_params=lambda layer: layer.qkv is not None,
-    )
-
-
-# ---- KFAC ------------------------------------------------------------------------------------------
-def kfac_method(
-    *,
-    stat_decay: float = 0.95,
-    damping: Any = 1e-3,
-    damping_mode: str = "tikhonov",
-    kfac_approx: str = "expand",
-    reduction_factor: float | None = None,
-) -> Method:
-    """Exact KFAC (MATH.md §1): A from the inputs, G = (1/R) Σ g gᵀ from the output gradients.
-
-    ``reduction_factor`` R (e.g. ``1/N`` for a loss averaged over N samples on this device) may instead
-    be passed to each ``update(..., reduction_factor=R)``.
-    """
-    pc = maccore.kfac(decay=stat_decay, damping=damping, mode=damping_mode)
-    reduce = maccore.KFACType(kfac_approx) is maccore.KFACType.REDUCE
-
-    def init(layer, dtype):
-        return pc.init(layer.d_tilde, layer.d_out, xp=_xp(), dtype=dtype)
-
-    def statistics(layer, x, g, w, b, extra):
-        r = extra.get("reduction_factor", reduction_factor)
-        if r is None:
-            raise ValueError(
-                "scale_by_kfac: the reduction factor R is required (the loss is R·Σ terms, e.g. "
-                "R = 1/N for a mean over N samples): pass reduction_factor= to scale_by_kfac "
-                "or to update"
-            )
-        A = maccore.input_factor(layer.rows(x, reduce=reduce))
-        G = maccore.gradient_factor(layer.grad_rows(g, reduce=reduce), reduction_factor=r)
-        return A, G
-
-    def update(layer, st, stats):
-        return pc.update(st, A=stats[0], G=stats[1])
-
-    return Method(
-        "kfac",
-        init,
-        statistics,
-        update,
-        lambda layer, st: pc.refresh(st),
-        lambda layer, st, mat: pc.apply(st, mat),
-        needs_output_grads=True,
-    )
-
-
-# ---- public transformations ------------------------------------------------------------------------
-def scale_by_mac(
-    *,
-    stat_decay: float = 0.95,
-    damping: float = 1.0,
-    t_cov: int = 5,
-    t_inv: int = 50,
-    scale: str = "reference",
-    attention: Mapping | None = None,
-    layers: Mapping | None = None,
-    layout: str = "flax",
-    axis_name: str | None = None,
-    on_nonfinite: str | None = "skip",
-) -> optax.GradientTransformationExtraArgs:
-    """The MAC preconditioner alone; chain it with any optax optimizer.
-
-    Args:
-        stat_decay, damping, scale: as :func:`maccore.mac` (β, λ, ``"reference"`` | ``"inverse"``).
-        t_cov, t_inv: statistics every ``t_cov`` steps, cache refresh every ``t_inv`` steps.
-        attention: ``{layer name: QKV(num_heads=...)}`` for fused qkv dense layers (layout (3, H, d_h)).
-        layers: ``{layer name: Dense() | Conv(...) | QKV(...) | None}``; conv layers must be declared.
-        layout: ``"flax"`` (``kernel`` [d_in, d_out] / HWIO, NHWC inputs) or ``"equinox"`` (``weight``
-            [d_out, d_in] / OIHW, NCHW inputs).
-        axis_name: average the batch statistics over this mapped axis (``shard_map``/``pmap``);
-            the gradients are averaged by the caller, as usual with optax (``lax.pmean``). With
-            equal shards this reproduces the single-device statistics of the full batch (KFAC:
-            pass the per-device reduction factor, e.g. 1/N_local).
-        on_nonfinite: ``"skip"`` (default): a step with NaN/Inf gradients, statistics or updates
-            returns zero updates and leaves the curvature state unchanged; ``"raise"``; ``None``
-            (no check). Wrap your whole chain in :func:`skip_nonfinite` to keep its momenta too.
-    """
-    return scale_by_curvature(
-        mac_method(stat_decay=stat_decay, damping=damping, scale=scale),
-        t_cov=t_cov,
-        t_inv=t_inv,
-        layers=layers,
-        attention=attention,
-        layout=layout,
-        axis_name=axis_name,
-        on_nonfinite=on_nonfinite,
-    )
-
-
-def scale_by_kfac(
-    *,
-    reduction_factor: float | None = None,
-    stat_decay: float = 0.95,
-    damping: Any = 1e-3,
-    damping_mode: str = "tikhonov",
-    kfac_approx: str = "expand",
-    t_cov: int = 1,
-    t_inv: int = 10,
-    layers: Mapping | None = None,
-    layout: str = "flax",
-    axis_name: str | None = None,
-    on_nonfinite: str | None = "skip",
-) -> optax.GradientTransformationExtraArgs:
-    """The exact-KFAC preconditioner alone. ``update`` needs ``activations=`` and ``output_grads=``.
-
-    Args:
-        reduction_factor: R of the loss L = R·Σ terms that ``grads``/``output_grads`` come from
-            (MATH.md §1.2), or pass ``reduction_factor=`` to each update.
-        damping_mode: ``"tikhonov"`` (damping λ or a pair (λ_G, λ_A)), ``"pi"`` or ``"exact"``.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
-        Others as :func:`scale_by_mac`.
-    """
-    method = kfac_method(
-        stat_decay=stat_decay,
-        damping=damping,
-        damping_mode=damping_mode,
-        kfac_approx=kfac_approx,
-        reduction_factor=reduction_factor,
-    )
-    return scale_by_curvature(
-        method,
-        t_cov=t_cov,
-        t_inv=t_inv,
-        layers=layers,
-        layout=layout,
-        axis_name=axis_name,
-        on_nonfinite=on_nonfinite,
-    )
-
-
-class MomentumState(NamedTuple):
-    count: jax.Array
-    trace: Any
-
-
-def momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.GradientTransformation:
-    """Heavy ball b ← μb + ĝ (b₀ = 0), direction b; Nesterov (MATH.md §3.6): direction ĝ at the first
-    step, ĝ + μb afterwards."""
-
-    def init_fn(params):
-        return MomentumState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params))
-
-    def update_fn(updates, state, params=None):
-        del params
-        trace = jax.tree.map(lambda g, t: decay * t + g, updates, state.trace)
-        if nesterov:
-            first = state.count == 0
-            out = jax.tree.map(lambda g, t: jnp.where(first, g, g + decay * t), updates, trace)
-        else:
-            out = trace
-        return out, MomentumState(optax.safe_int32_increment(state.count), trace)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_number(v: Any, name: str, where: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a number, got {type(v).__name__} {v!r}")
-    if not (v >= 0 and v < float("inf")):
-        raise ValueError(f"{where}: {name} must be >= 0 and finite, got {v!r}")
-
-
-def _check_optimizer_args(learning_rate: Any, mom: Any, weight_decay: Any, where: str) -> None:
-    """momentum and weight_decay ≥ 0 and finite; a plain-number learning rate likewise (schedules
-    and arrays are the caller's)."""
-    _check_number(mom, "momentum", where)
-    _check_number(weight_decay, "weight_decay", where)
-    if not callable(learning_rate) and not hasattr(learning_rate, "dtype"):
-        _check_number(learning_rate, "learning_rate", where)
-
-
-def _optimizer(
-    pre, learning_rate, mom, nesterov, weight_decay, weight_decay_mask, on_nonfinite, where
-):
-    _check_optimizer_args(learning_rate, mom, weight_decay, where)
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"{where}: nesterov must be True or False, got {nesterov!r}")
-    parts = [pre, momentum(mom, nesterov=nesterov)]
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return skip_nonfinite(optax.chain(*parts), on_nonfinite=on_nonfinite)
-
-
-def mac(
-    learning_rate: Any,
-    *,
-    momentum: float = 0.9,
-    stat_decay: float = 0.95,
-    damping: float = 1.0,
-    weight_decay: float = 0.0,
-    t_cov: int = 5,
-    t_inv: int = 50,
-    scale: str = "reference",
-    nesterov: bool = False,
-    attention: Mapping | None = None,
-    layers: Mapping | None = None,
-    layout: str = "flax",
-    axis_name: str | None = None,
-    weight_decay_mask: Any = None,
-    on_nonfinite: str | None = "skip",
-) -> optax.GradientTransformationExtraArgs:
-    """MAC with heavy-ball momentum and decoupled weight decay: b ← μb + ĝ, p ← (1 − η wd) p − η b
-    (= ``maccore_torch.MAC(weight_decay_mode="decoupled")``). ``learning_rate`` may be a schedule.
-
-    ``on_nonfinite="skip"`` (default) skips a step with NaN/Inf gradients, statistics or updates
-    exactly: zero updates, every state (running averages, momenta, counters, schedule count)
-    unchanged, as ``maccore_torch.MAC`` does; ``"raise"``; ``None`` (no check)."""
-    _check_on_nonfinite(on_nonfinite, "mac")
-    pre = scale_by_mac(
-        stat_decay=stat_decay,
-        damping=damping,
-        t_cov=t_cov,
-        t_inv=t_inv,
-        scale=scale,
-        attention=attention,
-        layers=layers,
-        layout=layout,
-        axis_name=axis_name,
-        on_nonfinite=None,
-    )
-    return _optimizer(
-        pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask, on_nonfinite, "mac"
-    )
-
-
-def kfac(
-    learning_rate: Any,
-    *,
-    reduction_factor: float | None = None,
-    momentum: float = 0.9,
-    stat_decay: float = 0.95,
-    damping: Any = 1e-3,
-    damping_mode: str = "tikhonov",
-    kfac_approx: str = "expand",
-    weight_decay: float = 0.0,
-    t_cov: int = 1,
-    t_inv: int = 10,
-    nesterov: bool = False,
-    layers: Mapping | None = None,
-    layout: str = "flax",
-    axis_name: str | None = None,
-    weight_decay_mask: Any = None,
-    on_nonfinite: str | None = "skip",
-) -> optax.GradientTransformationExtraArgs:
-    """Exact KFAC with the same momentum / decoupled weight decay (and ``on_nonfinite``) as
-    :func:`mac`."""
-    _check_on_nonfinite(on_nonfinite, "kfac")
-    pre = scale_by_kfac(
-        reduction_factor=reduction_factor,
-        stat_decay=stat_decay,
-        damping=damping,
-        damping_mode=damping_mode,
-        kfac_approx=kfac_approx,
-        t_cov=t_cov,
-        t_inv=t_inv,
-        layers=layers,
-        layout=layout,
-        axis_name=axis_name,
-        on_nonfinite=None,
-    )
-    return _optimizer(
-        pre, learning_rate, momentum, nesterov, weight_decay, weight_decay_mask, on_nonfinite, "kfac"
-    )

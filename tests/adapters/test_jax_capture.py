@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import maccore
 import maccore_jax as mj
 from maccore_jax.specs import discover
 
@@ -36,7 +37,9 @@ def check_identity(grads, acts, gouts, *, layout, layers):
     for n, layer in found.items():
         gb = None if layer.bias_index is None else leaves[layer.bias_index]
         mat = to_np(layer.grad_mat(leaves[layer.weight_index], gb))
-        rows, grows = to_np(layer.rows(got_a[n])), to_np(layer.grad_rows(got_g[n]))
+        x, g = layer.nchw(got_a[n]), layer.nchw(got_g[n])
+        spec = layer.core_spec(x)
+        rows, grows = to_np(maccore.to_rows(spec, x)), to_np(maccore.to_grad_rows(spec, g))
         np.testing.assert_allclose(mat, grows.T @ rows, rtol=2e-4, atol=2e-5, err_msg=n)
 
 

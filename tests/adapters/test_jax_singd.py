@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import maccore  # noqa: E402
 import maccore_jax as mj  # noqa: E402
-from maccore_jax.singd import SingdLayerState, scale_by_singd, singd, singd_method  # noqa: E402
+from maccore_jax.singd import scale_by_singd, singd, singd_method  # noqa: E402
 
 DIMS = {"conv": (19, 4), "block/dense": (5, 5), "head": (5, 3)}
 
@@ -81,11 +81,11 @@ def test_singd_adapter_equals_core(case):
         tree_allclose(o, r, rtol=1e-4, atol=1e-5)
     assert int(state.count) == 5
     for n, st in ref_states.items():
-        got = state.layers[n]
-        assert isinstance(got, SingdLayerState) and int(got.updates) == 3  # t = 0, 2, 4
-        for a, b in zip(got.singd.K, st.K):
+        got = state.layers[n]  # the core state, as maccore_torch keeps it
+        assert isinstance(got, maccore.SingdState)
+        for a, b in zip(got.K, st.K):
             np.testing.assert_allclose(to_np(a), b, rtol=1e-4, atol=1e-5)
-        for a, b in zip(got.singd.C, st.C):
+        for a, b in zip(got.C, st.C):
             np.testing.assert_allclose(to_np(a), b, rtol=1e-4, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_bfloat16_factors_under_jit():
     outs, state = run(tx, 6)
     ref, _ = run(scale_by_singd(T=1, lr_cov=0.1, layers=LAYERS), 6)
     for n in DIMS:
-        st = state.layers[n].singd
+        st = state.layers[n]
         for f in ("K", "C", "m_K", "m_C"):
             for p in getattr(st, f):
                 assert p.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(p))), (n, f)
@@ -158,8 +158,9 @@ def test_bfloat16_factors_under_jit():
 
 
 def test_method_plugs_into_engine_and_exports():
-    m = singd_method(T=3)
-    assert isinstance(m, mj.Method) and m.needs_output_grads and m.name == "singd"
+    m = singd_method()  # the core engine's method (lr_cov 1e-2, as scale_by_singd's default)
+    assert isinstance(m, maccore.CurvatureMethod) and m.name == "singd"
+    assert singd_method is maccore.singd_method
     tx = mj.scale_by_curvature(m, t_cov=3, t_inv=3, layers=LAYERS)
     a, _ = run(tx, 4)
     b, _ = run(scale_by_singd(T=3, layers=LAYERS), 4)
@@ -171,7 +172,7 @@ def test_method_plugs_into_engine_and_exports():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="loss_average"):
         singd(0.1, loss_average="mean")
-    with pytest.raises(ValueError, match="T"):
+    with pytest.raises(ValueError, match="T must be a positive integer"):
         scale_by_singd(T=0)
     with pytest.raises(ValueError, match="structure"):
         singd_method(structures=("nope", "dense"))

@@ -169,19 +169,24 @@ def test_kfac_adapter_equals_core(mode, kfac_approx):
         tree_allclose(o, rr, rtol=1e-4, atol=1e-4)
 
 
-def test_kfac_reduction_factor_per_update():
-    tx = mj.scale_by_kfac(t_cov=1, t_inv=1, layers=LAYERS)
+def test_kfac_loss_average_and_reduction_factor_per_update():
+    """``loss_average="batch"`` (default, as maccore_torch.KFAC) is R = 1/N; ``reduction_factor=``
+    of the transformation or of one (jitted) update overrides it; ``None`` is a summed loss."""
     grads, acts, gouts = step_data(0)
-    state = tx.init(tree_params())
-    with pytest.raises(ValueError, match="reduction factor"):
-        tx.update(grads, state, activations=acts, output_grads=gouts)
-    a, _ = jax.jit(tx.update)(
-        grads, state, activations=acts, output_grads=gouts, reduction_factor=0.25
-    )
-    b, _ = jax.jit(mj.scale_by_kfac(reduction_factor=0.25, t_cov=1, t_inv=1, layers=LAYERS).update)(
-        grads, state, activations=acts, output_grads=gouts
-    )
-    tree_allclose(a, b, rtol=0, atol=0)
+    state = mj.scale_by_kfac(t_cov=1, t_inv=1, layers=LAYERS).init(tree_params())
+
+    def update(tx, **kw):
+        return jax.jit(tx.update)(grads, state, activations=acts, output_grads=gouts, **kw)[0]
+
+    default = update(mj.scale_by_kfac(t_cov=1, t_inv=1, layers=LAYERS))
+    summed_tx = mj.scale_by_kfac(t_cov=1, t_inv=1, layers=LAYERS, loss_average=None)
+    per_update = update(summed_tx, reduction_factor=1.0 / N)
+    fixed = update(mj.scale_by_kfac(reduction_factor=1.0 / N, t_cov=1, t_inv=1, layers=LAYERS))
+    tree_allclose(default, per_update, rtol=0, atol=0)
+    tree_allclose(default, fixed, rtol=0, atol=0)
+    summed = update(summed_tx)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(summed), jax.tree.leaves(default))) > 1e-3
 
 
 @pytest.mark.parametrize("kfac", [False, True])
@@ -266,6 +271,14 @@ def test_attention_adapter_equals_core(mode, causal):
         ref = np.concatenate([pc.apply(main, gm[: 2 * d]), pc.apply(val, gm[2 * d :])], 0)
         np.testing.assert_allclose(to_np(u["qkv"]["kernel"]), ref[:, :-1].T, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(to_np(u["qkv"]["bias"]), ref[:, -1], rtol=2e-5, atol=2e-5)
+    # one state layout (as maccore_torch): ONE MacState with a factor per row block (Q, K, V),
+    # per head [3H, d̃]; its V factors are the attention-weighted means folded above
+    st = state.layers["qkv"]
+    blocks = 3 * heads if mode == "per_head" else 3
+    assert isinstance(st, maccore.MacState) and tuple(st.mean_hat.shape) == (blocks, d + 1)
+    np.testing.assert_allclose(to_np(st.mean_hat[2 * blocks // 3:]),
+                               np.broadcast_to(val.mean_hat, (blocks // 3, d + 1)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(st.mean_hat[0]), main.mean_hat, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_needs_params():

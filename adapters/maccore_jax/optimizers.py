@@ -1,0 +1,306 @@
+"""The public optax transformations: the preconditioners ``scale_by_mac`` / ``scale_by_kfac`` /
+``scale_by_singd`` (a :mod:`maccore.engine` method driven by :func:`scale_by_curvature`) and the
+full optimizers ``mac`` / ``kfac`` / ``singd`` (preconditioner, momentum, weight decay, learning
+rate — the update rule of ``maccore_torch.CurvatureOptimizer``).
+
+Each keyword list is written once: a method's own keywords in its ``scale_by_*``, the layer and
+device keywords in :func:`scale_by_curvature`, the momentum / weight-decay keywords in
+:data:`OPTIMIZER_OPTIONS`; every public function's signature (``inspect.signature``, which
+``optax.inject_hyperparams`` binds against) is the union of the lists it accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from maccore import engine
+
+from maccore_jax.transform import scale_by_curvature, skip_nonfinite
+from maccore_jax.validation import (
+    check_on_nonfinite,
+    check_optimizer,
+    check_period,
+    check_static,
+    is_zero,
+)
+
+__all__ = [
+    "MomentumState",
+    "OPTIMIZER_OPTIONS",
+    "kfac",
+    "mac",
+    "momentum",
+    "scale_by_kfac",
+    "scale_by_mac",
+    "scale_by_singd",
+    "singd",
+]
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def _signature(*fns: Callable, drop: tuple[str, ...] = ()) -> inspect.Signature:
+    """The union of the named parameters of ``fns`` (first occurrence wins, ``**kwargs`` left out;
+    ``drop``: names not taken from ``fns[1:]``)."""
+    params: dict[str, inspect.Parameter] = {}
+    for i, fn in enumerate(fns):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.VAR_KEYWORD and (i == 0 or p.name not in drop):
+                params.setdefault(p.name, p)
+    return inspect.Signature(list(params.values()))
+
+
+def _extends(*others: Callable, drop: tuple[str, ...] = ()):
+    """Decorator: ``fn(**own, **rest)`` forwards ``rest`` to ``others``; its signature (checked
+    on every call) is the union of its own parameters and theirs."""
+
+    def deco(fn):
+        sig = _signature(fn, *others, drop=drop)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{fn.__name__}: {exc}") from None
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig
+        return wrapper
+
+    return deco
+
+
+# ---- preconditioners -----------------------------------------------------------------------------
+@_extends(scale_by_curvature, drop=("method", "lr_cov"))
+def scale_by_mac(
+    *,
+    stat_decay: float = 0.95,
+    damping: float = 1.0,
+    t_cov: int = 5,
+    t_inv: int = 50,
+    scale: str = "reference",
+    diagonal: bool = False,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The MAC preconditioner alone (``maccore.mac_method``); chain it with any optax optimizer.
+
+    Args:
+        stat_decay, damping, scale: EMA decay β, damping λ, ``"reference"`` (λ·(ââᵀ+λI)⁻¹, the
+            published code) or ``"inverse"`` ((ââᵀ+λI)⁻¹).
+        t_cov, t_inv: statistics every ``t_cov`` steps, cache refresh every ``t_inv`` steps.
+        diagonal: SMAC — also the diagonal output factor diag(1/(ẑ+λ)), ẑ the EMA of E_rows[g⊙g];
+            ``update`` then needs ``output_grads=`` (as KFAC; fused qkv layers keep plain MAC).
+        **options: ``layers``, ``skip_layers``, ``attention``, ``layout``, ``axis_name``,
+            ``on_nonfinite`` of :func:`scale_by_curvature`.
+
+    A layer's MAC state can be given the first layer's true inverse with
+    :func:`maccore_jax.fit_first_layer`.
+    """
+    check_static(stat_decay, "stat_decay", "scale_by_mac")
+    method = engine.mac_method(stat_decay=stat_decay, damping=damping, scale=scale,
+                               diagonal=diagonal)
+    return scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, **options)
+
+
+@_extends(scale_by_curvature, drop=("method", "lr_cov"))
+def scale_by_kfac(
+    *,
+    stat_decay: float = 0.95,
+    damping: Any = 1e-3,
+    t_cov: int = 1,
+    t_inv: int = 10,
+    damping_mode: str = "tikhonov",
+    kfac_approx: str = "expand",
+    loss_average: str | None = "batch",
+    reduction_factor: float | None = None,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The exact-KFAC preconditioner alone (``maccore.kfac_method``). ``update`` needs
+    ``activations=`` and ``output_grads=``.
+
+    Args:
+        damping_mode: ``"tikhonov"`` (damping λ or a pair (λ_G, λ_A)), ``"pi"`` or ``"exact"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
+        loss_average: the loss the output gradients come from (as ``maccore_torch.KFAC``):
+            ``"batch"`` (default; averaged over the N samples of the batch: R = 1/N),
+            ``"batch+sequence"`` (also over the shared axes: R = 1/(N·S), conv 1/(N·OH·OW)) or
+            ``None`` (summed: R = 1).
+        reduction_factor: R of the loss L = R·Σ terms (MATH.md §1.2), overriding ``loss_average``;
+            ``update(..., reduction_factor=R)`` overrides both for one update.
+        Others as :func:`scale_by_mac`.
+    """
+    check_static(stat_decay, "stat_decay", "scale_by_kfac")
+    method = engine.kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
+                                kfac_approx=kfac_approx, loss_average=loss_average,
+                                reduction_factor=reduction_factor)
+    return scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, **options)
+
+
+@_extends(scale_by_curvature, drop=("method", "lr_cov", "t_cov", "t_inv"))
+def scale_by_singd(
+    *,
+    damping: float = 1e-3,
+    alpha1: float = 0.5,
+    T: int = 10,
+    lr_cov: float | Callable[[Any], Any] = 1e-2,
+    structures: tuple[Any, Any] = ("dense", "dense"),
+    kfac_like: bool = False,
+    kfac_approx: str = "expand",
+    loss_average: str | None = "batch",
+    reduction_factor: float | None = None,
+    preconditioner_dtype: tuple[Any, Any] = (None, None),
+    normalize_lr_cov: bool = False,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The SINGD preconditioner alone (``maccore.singd_method``; ``C Cᵀ ∇W̃ K Kᵀ`` per layer).
+    ``update`` needs ``activations=`` and ``output_grads=``.
+
+    Args:
+        damping, alpha1, structures, kfac_like, normalize_lr_cov, preconditioner_dtype
+            (``(dtype_K, dtype_C)``, e.g. ``jnp.bfloat16``): as :func:`maccore.singd` (MATH.md §5).
+        T: statistics and preconditioner update every ``T`` steps.
+        lr_cov: β1, a number or a schedule of the step count (evaluated at the step of the update,
+            as ``maccore_torch.SINGD``).
+        kfac_approx, loss_average, reduction_factor: as :func:`scale_by_kfac`.
+        **options: ``layers``, ``skip_layers``, ``attention``, ``layout``, ``axis_name``,
+            ``on_nonfinite`` of :func:`scale_by_curvature`.
+    """
+    where = "scale_by_singd"
+    T = check_period(T, "T", where)
+    method = engine.singd_method(damping=damping, alpha1=alpha1, lr_cov=lr_cov,
+                                 structures=structures, kfac_like=kfac_like,
+                                 kfac_approx=kfac_approx, loss_average=loss_average,
+                                 reduction_factor=reduction_factor,
+                                 preconditioner_dtype=preconditioner_dtype,
+                                 normalize_lr_cov=normalize_lr_cov)
+    return scale_by_curvature(method, t_cov=T, t_inv=T, lr_cov=lr_cov, **options)
+
+
+# ---- momentum and the optimizers -----------------------------------------------------------------
+class MomentumState(NamedTuple):
+    """``count``: steps taken (0-d int32); ``trace``: the momentum buffer b (like the params)."""
+
+    count: jax.Array
+    trace: Any
+
+
+def momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.GradientTransformation:
+    """Heavy ball b ← μb + d (b₀ = 0), direction b; Nesterov (MATH.md §3.6, nanoGPT's
+    ``nag_step``): direction d at the first step, d + μb afterwards."""
+
+    def init_fn(params):
+        return MomentumState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        trace = jax.tree.map(lambda g, t: decay * t + g, updates, state.trace)
+        if nesterov:
+            first = state.count == 0
+            out = jax.tree.map(lambda g, t: jnp.where(first, g, g + decay * t), updates, trace)
+        else:
+            out = trace
+        return out, MomentumState(optax.safe_int32_increment(state.count), trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+OPTIMIZER_OPTIONS = (
+    inspect.Parameter("momentum", _KW, default=0.9),
+    inspect.Parameter("weight_decay", _KW, default=0.0),
+    inspect.Parameter("nesterov", _KW, default=False),
+    inspect.Parameter("weight_decay_mode", _KW, default="decoupled"),
+    inspect.Parameter("weight_decay_mask", _KW, default=None),
+    inspect.Parameter("on_nonfinite", _KW, default="skip"),
+)
+"""The keywords every optimizer adds to its preconditioner's (defaults may differ per optimizer)."""
+
+
+def _update_rule(pre, learning_rate, momentum_, weight_decay, nesterov, weight_decay_mode,
+                 weight_decay_mask, on_nonfinite, where):
+    """``maccore_torch.CurvatureOptimizer``'s update after the preconditioner ``pre`` (ĝ):
+    ``"coupled"``: d = ĝ + wd·p, b = μb + d, p ← p − ηb; ``"decoupled"``: b = μb + ĝ,
+    p ← (1 − η·wd)p − ηb; ``nesterov``: the direction is d (first step) or d + μb."""
+    check_optimizer(learning_rate, momentum_, weight_decay, nesterov, weight_decay_mode, where)
+    decay = [] if is_zero(weight_decay) else [
+        optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    heavy_ball = [momentum(momentum_, nesterov=nesterov)]
+    parts = decay + heavy_ball if weight_decay_mode == "coupled" else heavy_ball + decay
+    parts = [pre, *parts, optax.scale_by_learning_rate(learning_rate)]
+    return skip_nonfinite(optax.chain(*parts), on_nonfinite=on_nonfinite)
+
+
+def _optimizer(pre: Callable, name: str, doc: str, *, learning_rate: Any = inspect.Parameter.empty,
+               **defaults: Any) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """The optimizer ``name(learning_rate, **OPTIMIZER_OPTIONS, **pre's keywords)``: the
+    preconditioner ``pre`` followed by :func:`_update_rule`. ``defaults`` overrides defaults of
+    :data:`OPTIMIZER_OPTIONS`."""
+    head = [inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=learning_rate)]
+    head += [p.replace(default=defaults.get(p.name, p.default)) for p in OPTIMIZER_OPTIONS]
+    own = {p.name for p in head}
+    sig = inspect.Signature(head + [p for p in inspect.signature(pre).parameters.values()
+                                    if p.name not in own])
+
+    def factory(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}: {exc}") from None
+        bound.apply_defaults()
+        rest = dict(bound.arguments)
+        opts = {k: rest.pop(k) for k in own}
+        check_on_nonfinite(opts["on_nonfinite"], name)
+        precond = pre(**rest, on_nonfinite=None)
+        return _update_rule(precond, opts["learning_rate"], opts["momentum"],
+                            opts["weight_decay"], opts["nesterov"], opts["weight_decay_mode"],
+                            opts["weight_decay_mask"], opts["on_nonfinite"], name)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = __name__
+    factory.__doc__ = doc
+    factory.__signature__ = sig
+    return factory
+
+
+mac = _optimizer(scale_by_mac, "mac", """MAC (SMAC with ``diagonal=True``) with heavy-ball
+momentum and weight decay — the update of ``maccore_torch.MAC``: the same model, data and hyper-parameters give the same trajectory.
+
+``mac(learning_rate, *, momentum=0.9, weight_decay=0.0, nesterov=False,
+weight_decay_mode="decoupled", weight_decay_mask=None, on_nonfinite="skip", **scale_by_mac's
+keywords)``. ``learning_rate`` may be a schedule.
+
+- ``weight_decay_mode="decoupled"`` (default, the optax convention): b ← μb + ĝ,
+  p ← (1 − η·wd)p − ηb; ``"coupled"`` (``maccore_torch.MAC``'s default, MATH.md §3.6): d = ĝ + wd·p
+  after preconditioning, b ← μb + d, p ← p − ηb. ``nesterov``: direction d at the first step,
+  d + μb afterwards. ``weight_decay_mask``: as ``optax.add_decayed_weights``.
+- ``on_nonfinite="skip"`` (default) skips a step with NaN/Inf gradients, statistics or updates
+  exactly: zero updates, every state (running averages, momenta, counters, schedule count)
+  unchanged, as ``maccore_torch.MAC`` does; ``"raise"``; ``None`` (no check).
+- With ``optax.inject_hyperparams`` keep ``stat_decay``, ``t_cov`` and ``t_inv`` in
+  ``static_args``.
+""")
+
+kfac = _optimizer(scale_by_kfac, "kfac", """Exact KFAC with the momentum / weight-decay update of
+:func:`mac` (= ``maccore_torch.KFAC``): ``kfac(learning_rate, *, momentum=0.9, weight_decay=0.0,
+nesterov=False, weight_decay_mode="decoupled", weight_decay_mask=None, on_nonfinite="skip",
+**scale_by_kfac's keywords)``. ``update`` needs ``activations=`` and ``output_grads=``; the loss
+reduction follows ``loss_average`` (default ``"batch"``) unless ``reduction_factor=`` is given.
+""")
+
+singd = _optimizer(scale_by_singd, "singd", """SINGD with the published update (=
+``maccore_torch.SINGD``): ``d = ĝ + weight_decay·W`` (weight decay AFTER preconditioning,
+``weight_decay_mode="coupled"``, the default here), ``b ← momentum·b + d`` (b₀ = 0),
+``W ← W − lr·b``.
+
+``singd(learning_rate=1e-3, *, momentum=0.9, weight_decay=0.0, nesterov=False,
+weight_decay_mode="coupled", weight_decay_mask=None, on_nonfinite="skip", **scale_by_singd's
+keywords)``. ``learning_rate`` may be a schedule. Leaves outside the preconditioned layers get the
+same update with their raw gradient. ``on_nonfinite="skip"`` skips a NaN/Inf step exactly (every
+state unchanged).
+""", learning_rate=1e-3, weight_decay_mode="coupled")
