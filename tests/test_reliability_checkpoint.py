@@ -370,12 +370,38 @@ def test_core_checkpoint_api_errors(tmp_path):
     entry = ck.LayerEntry("linear", 2, 3, True, arrays, types, momentum=np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"momentum of layer 'l' has shape \[3, 2\], expected"):
         ck.save(tmp_path / "x.npz", ck.Checkpoint("MAC", 0, {"l": entry}))
-    # bfloat16 / float16 arrays are stored as float32, the exact path is used
+    # bfloat16 (NumPy's extension type, as jax arrays convert) / float16 arrays are stored as
+    # float32, the exact path is used
+    for low in (np.asarray(jnp.ones((2, 3), jnp.bfloat16)), np.ones((2, 3), np.float16)):
+        entry = ck.LayerEntry("linear", 2, 3, True, arrays, types, momentum=low)
+        ck.save(tmp_path / "noext", ck.Checkpoint("mac", 1, {"l": entry}))
+        back = ck.load(tmp_path / "noext")
+        assert back.method == "MAC" and back.layers["l"].momentum.dtype == np.float32
+    # the core knows no framework: a torch bfloat16 tensor (no NumPy dtype) is refused with a clear
+    # error, maccore_torch converts its tensors itself (below)
     entry = ck.LayerEntry("linear", 2, 3, True, arrays, types,
                           momentum=torch.ones(2, 3, dtype=torch.bfloat16))
-    ck.save(tmp_path / "noext", ck.Checkpoint("mac", 1, {"l": entry}))
-    back = ck.load(tmp_path / "noext")
-    assert back.method == "MAC" and back.layers["l"].momentum.dtype == np.float32
+    with pytest.raises(TypeError, match="convert it to a host NumPy array first"):
+        ck.save(tmp_path / "x.npz", ck.Checkpoint("mac", 1, {"l": entry}))
+
+
+def test_torch_bfloat16_model_round_trip(tmp_path):
+    """maccore_torch converts bfloat16 tensors to float32 NumPy for the core and back on load."""
+    torch.manual_seed(7)
+    model = Net().to(torch.bfloat16)
+    opt = mt.MAC(model, lr=0.05, t_cov=1, t_inv=1)
+    _train(model, opt, [(x.to(torch.bfloat16), y) for x, y in _batches(2)])
+    mt.save_portable(opt, tmp_path / "b.npz")
+    ckpt = ck.load(tmp_path / "b.npz")
+    w = opt.state[model.fc.weight]["momentum_buffer"]
+    assert w.dtype == torch.bfloat16 and ckpt.layers["fc"].momentum.dtype == np.float32
+    np.testing.assert_array_equal(ckpt.layers["fc"].momentum[:, :-1], w.float().numpy())
+    twin = Net().to(torch.bfloat16)
+    opt2 = mt.MAC(twin, lr=0.05, t_cov=1, t_inv=1)
+    mt.load_portable(opt2, tmp_path / "b.npz")
+    assert opt2.t == opt.t == 2
+    got = opt2.state[twin.fc.weight]["momentum_buffer"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, w)
 
 
 # ---- SINGD (states are NamedTuples of structures: flattened the same way) ----------------------------

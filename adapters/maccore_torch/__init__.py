@@ -5,8 +5,11 @@
 - :func:`layer_spec` — the type registry (``functools.singledispatch``) deciding which modules are
   preconditioned; :data:`QKV` (= :class:`maccore.QkvSpec`) declares fused qkv projections.
 
-The adapter only discovers layers, captures rows with hooks, calls the core ``update`` /
-``refresh`` / ``apply`` and writes ``.grad``; every formula lives in ``maccore``.
+The adapter only discovers layers, captures arrays with hooks and moves gradients; each optimizer
+drives a :class:`maccore.engine.CurvatureMethod` (statistics, pooling, schedule, update, refresh,
+apply: every formula lives in ``maccore``). Modules: ``specs`` (layer discovery), ``hooks`` and
+``attention`` (capture), ``numerics`` (finite checks, GradScaler), ``distributed`` (all-reduce),
+``_base`` (the driver), ``optimizer`` (momentum / weight decay), ``report``.
 ``opt.report()`` prints which parameter got which preconditioner.
 :func:`save_portable` / :func:`load_portable` write and read framework-neutral checkpoints
 (:mod:`maccore.checkpoint`) that ``maccore_jax`` reads too.
@@ -14,9 +17,10 @@ The adapter only discovers layers, captures rows with hooks, calls the core ``up
 
 from maccore import QkvSpec
 
-from maccore_torch._base import CurvatureOptimizer, HookedPreconditioner
+from maccore_torch._base import HookedPreconditioner
 from maccore_torch.kfac import KFAC, KFACPreconditioner
 from maccore_torch.mac import MAC, MACPreconditioner
+from maccore_torch.optimizer import CurvatureOptimizer
 from maccore_torch.portable import load_portable, save_portable
 from maccore_torch.singd import SINGD, SINGDPreconditioner
 from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec

@@ -3,7 +3,7 @@
 Trains an MLP and a small CNN on scikit-learn's digits and a tiny transformer (fused qkv Linear,
 declared as attention for MAC) on a generated sorting task, with SGD(momentum), AdamW and
 ``maccore_torch``'s MAC, KFAC and SINGD. Data, hyper-parameters and reporting come from
-:mod:`maccore._demo` so that ``--backend jax`` runs the same experiment.
+:mod:`maccore.cli.demo` so that ``--backend jax`` runs the same experiment.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maccore import _demo
-from maccore._demo import DemoConfig, RunResult, Unavailable
+from maccore.cli import demo as _demo
+from maccore.cli.demo import DemoConfig, RunResult, Unavailable
 
 __all__ = ["MLP", "CNN", "TinyTransformer", "build_model", "build_optimizer", "state_bytes", "run"]
 

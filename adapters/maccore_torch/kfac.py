@@ -1,4 +1,5 @@
-"""Exact KFAC for PyTorch via the core :func:`maccore.kfac` (MATH.md §1.4–1.8, canonical split).
+"""Exact KFAC for PyTorch driving :func:`maccore.engine.kfac_method` (MATH.md §1.4–1.8, canonical
+split).
 
 Statistics per collecting step: A = E_rows[x̃x̃ᵀ] from forward hooks (rows pooled over all forwards
 of the step) and G = (1/R) Σ_rows gᵃgᵃᵀ from tensor hooks on the layer outputs (autograd gradients
@@ -28,22 +29,13 @@ import torch
 from torch import nn
 
 import maccore
-from maccore._xp import check_damping
+from maccore.engine import kfac_method
 
-from maccore_torch._base import (
-    XP,
-    CurvatureOptimizer,
-    HookedPreconditioner,
-    _Acc,
-    loss_terms,
-    unreduce,
-)
-from maccore_torch.attention import MhaCapture
+from maccore_torch._base import HookedPreconditioner
+from maccore_torch.optimizer import CurvatureOptimizer
 from maccore_torch.specs import Layer
 
 __all__ = ["KFAC", "KFACPreconditioner"]
-
-_LOSS_AVERAGE = (None, "batch", "batch+sequence")
 
 
 class KFACPreconditioner(HookedPreconditioner):
@@ -63,7 +55,6 @@ class KFACPreconditioner(HookedPreconditioner):
 
     method = "KFAC"
     roles = frozenset({"linear", "conv2d", "qkv", "mha_out"})
-    grad_keys = ("G",)
 
     def __init__(
         self,
@@ -83,74 +74,18 @@ class KFACPreconditioner(HookedPreconditioner):
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
     ):
-        self.kfac_approx = maccore.KFACType(kfac_approx)
-        if loss_average not in _LOSS_AVERAGE:
-            raise ValueError(f"loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
-        if reduction_factor is not None:
-            check_damping(reduction_factor, "reduction_factor", "KFAC", pair=False)
+        curvature = kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
+                                kfac_approx=kfac_approx, loss_average=loss_average,
+                                reduction_factor=reduction_factor)
         self.stat_decay, self.damping, self.damping_mode = stat_decay, damping, damping_mode
+        self.kfac_approx = maccore.KFACType(kfac_approx)
         self.loss_average, self.reduction_factor = loss_average, reduction_factor
-        self._pc = maccore.kfac(decay=stat_decay, damping=damping, mode=damping_mode)
-        super().__init__(model, t_cov=t_cov, t_inv=t_inv, params=params, skip_layers=skip_layers,
-                         grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group)
-
-    @property
-    def _reduce(self) -> bool:
-        return self.kfac_approx is maccore.KFACType.REDUCE
-
-    def _init_state(self, layer: Layer) -> maccore.KfacState:
-        w = layer.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        return self._pc.init(layer.spec.d_tilde, layer.spec.d_out, xp=XP, dtype=dtype, device=w.device)
-
-    def _templates(self, layer: Layer) -> dict[str, torch.Tensor]:
-        return {"A": layer.state.a.value, "G": layer.state.g.value}
-
-    def _input_stats(self, spec: maccore.LayerSpec, x: torch.Tensor) -> dict:
-        rows = maccore.to_rows(spec, x, reduce=self._reduce)
-        return {"A": (maccore.input_factor(rows), rows.shape[0], "mean")}
-
-    def _forward_stats(self, layer, spec, x, out) -> dict:
-        return self._input_stats(spec, x)
-
-    def _mha_stats(self, layer: Layer, cap: MhaCapture) -> dict:
-        return self._input_stats(layer.spec, cap.context)  # role "mha_out" only
-
-    def _wants_grads(self, layer: Layer) -> bool:
-        return True
-
-    def _grad_stats(self, layer, spec, g) -> dict:
-        rows = maccore.to_grad_rows(spec, g, reduce=self._reduce)
-        terms = loss_terms(spec, g, self.loss_average)
-        return {"G": (maccore.gradient_factor(rows, reduction_factor=1.0), terms, "sum")}
-
-    def _finalize(self, layer: Layer, key: str, acc: _Acc) -> tuple[torch.Tensor, float]:
-        if key != "G":
-            return acc.value, acc.weight
-        g = unreduce(acc.value, acc.weight, self.reduction_factor, self.loss_average)
-        return g / self._grad_scale_sq(), 1.0
-
-    def _fold(self, layer: Layer, stats: dict) -> None:
-        if "A" in stats and "G" in stats:
-            layer.state = self._pc.update(layer.state, A=stats["A"], G=stats["G"])
-            layer.updates += 1
-
-    def _refresh(self, layer: Layer) -> None:
-        if layer.updates:
-            layer.state = self._pc.refresh(layer.state)
-
-    def _apply(self, layer: Layer, grad_mat: torch.Tensor) -> torch.Tensor:
-        if not layer.updates:  # never observed: leave the gradient as it is
-            return grad_mat
-        return self._pc.apply(layer.state, grad_mat)
+        super().__init__(model, curvature, t_cov=t_cov, t_inv=t_inv, params=params,
+                         skip_layers=skip_layers, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite,
+                         process_group=process_group)
 
     def _describe(self, layer: Layer) -> str:
         return f"KFAC {self.kfac_approx.value} ({self.damping_mode} damping)"
-
-    def _hyperparameters(self) -> dict:
-        return {**super()._hyperparameters(), "stat_decay": self.stat_decay, "damping": self.damping,
-                "damping_mode": self.damping_mode, "kfac_approx": self.kfac_approx.value,
-                "loss_average": self.loss_average, "reduction_factor": self.reduction_factor}
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer name: (A, G)}``: the debiased running factors (canonical split)."""

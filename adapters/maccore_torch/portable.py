@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 import maccore
@@ -28,6 +29,34 @@ from maccore_torch._base import CurvatureOptimizer, HookedPreconditioner
 __all__ = ["save_portable", "load_portable"]
 
 _EXTRAS = ("first_inv",)
+
+
+def _to_numpy(t: torch.Tensor) -> Any:
+    """A tensor as a host NumPy array for :mod:`maccore.checkpoint` (which knows no framework).
+
+    NumPy has no bfloat16: such tensors become float32 (lossless); loading casts every array back to
+    the dtype of the optimizer it is loaded into."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return t.numpy()
+
+
+def _to_tensor(a: Any, like: torch.Tensor | None = None, *, device: Any = None,
+               dtype: Any = None) -> torch.Tensor:
+    """A NumPy array read from a checkpoint as a tensor on ``like``'s device and dtype (or the
+    given ``device`` / ``dtype``)."""
+    if like is not None:
+        device, dtype = like.device, like.dtype
+    return torch.as_tensor(np.asarray(a)).to(device=device, dtype=dtype)
+
+
+def _without_first_inv(state: Any) -> Any:
+    """The state without MAC's fixed first-layer inverse: the file keeps it as the layer's extra
+    ``first_inv`` entry (format version 1), not as a state field."""
+    if getattr(state, "first_inv", None) is not None:
+        return state._replace(first_inv=None)
+    return state
 
 
 def _split(opt: Any, where: str) -> tuple[HookedPreconditioner, CurvatureOptimizer | None]:
@@ -69,7 +98,7 @@ def save_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
     pre, optim = _split(opt, where)
     layers = {}
     for l in pre.layers:
-        arrays, types = ck.flatten_state(l.state)
+        arrays, types = ck.flatten_state(_without_first_inv(l.state))
         mom = None
         if optim is not None:
             bw = optim.state.get(l.weight, {}).get("momentum_buffer")
@@ -79,16 +108,16 @@ def save_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
                     bb = optim.state.get(l.bias, {}).get("momentum_buffer")
                     bb = torch.zeros_like(l.bias) if bb is None else bb.to(bw.dtype)
                 mom = maccore.grad_matrix(bw.detach(), None if bb is None else bb.detach())
-        extra = {} if l.first_inv is None else {"first_inv": ck.to_numpy(l.first_inv)}
+        extra = {} if l.first_inv is None else {"first_inv": _to_numpy(l.first_inv)}
         layers[l.name] = ck.LayerEntry(
             kind=l.spec.kind.value,
             d_out=l.spec.d_out,
             d_tilde=l.spec.d_tilde,
             has_bias=l.bias is not None,
-            state={k: ck.to_numpy(v) for k, v in arrays.items()},
+            state={k: _to_numpy(v) for k, v in arrays.items()},
             state_types=types,
             updates=l.updates,
-            momentum=None if mom is None else ck.to_numpy(mom),
+            momentum=None if mom is None else _to_numpy(mom),
             extra=extra,
         )
     params = {}
@@ -97,7 +126,7 @@ def save_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
         for name, p in _other_params(pre, optim).items():
             buf = optim.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                params[name] = ck.to_numpy(buf)
+                params[name] = _to_numpy(buf)
         hyper["param_groups"] = [
             {k: v for k, v in g.items() if k != "params"} for g in optim.param_groups
         ]
@@ -132,7 +161,8 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
     for l in pre.layers:
         e = entries[l.name]
         lw = f"{where}: layer {l.name!r}"
-        states[l.name] = ck.unflatten_state(l.state, e.state, e.state_types, where=lw)
+        states[l.name] = ck.unflatten_state(_without_first_inv(l.state), e.state, e.state_types,
+                                            where=lw)
         unknown = sorted(set(e.extra) - set(_EXTRAS))
         if unknown:
             raise ValueError(f"{lw}: unknown entries {unknown} (written by a newer maccore?)")
@@ -140,7 +170,7 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
         if fi is not None:
             if pre.method not in ("MAC", "SMAC") or tuple(fi.shape) != (e.d_tilde, e.d_tilde):
                 raise ValueError(f"{lw}: cannot use a first-layer inverse of shape {list(fi.shape)}")
-            fi = torch.as_tensor(fi).to(device=l.weight.device, dtype=states[l.name].mean_hat.dtype)
+            fi = _to_tensor(fi, device=l.weight.device, dtype=states[l.name].mean_hat.dtype)
         firsts[l.name] = fi
         if optim is not None:
             if e.momentum is None:
@@ -148,7 +178,7 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
                 if l.bias is not None:
                     buffers[id(l.bias)] = (l.bias, None)
             else:
-                mat = torch.as_tensor(e.momentum).to(device=l.weight.device, dtype=l.weight.dtype)
+                mat = _to_tensor(e.momentum, l.weight)
                 w, b = maccore.split_grad_matrix(mat, tuple(l.weight.shape), bias=l.bias is not None)
                 buffers[id(l.weight)] = (l.weight, w.contiguous())
                 if l.bias is not None:
@@ -169,7 +199,7 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
                     f"{where}: momentum of parameter {name!r} has shape {list(buf.shape)}, the "
                     f"parameter {list(p.shape)}"
                 )
-            t = None if buf is None else torch.as_tensor(buf).to(device=p.device, dtype=p.dtype)
+            t = None if buf is None else _to_tensor(buf, p)
             buffers[id(p)] = (p, t)
     for l in pre.layers:
         l.state, l.updates = states[l.name], entries[l.name].updates

@@ -1,9 +1,11 @@
-"""SINGD / IKFAC for PyTorch via the core :func:`maccore.singd` (MATH.md §5).
+"""SINGD / IKFAC for PyTorch driving :func:`maccore.engine.singd_method` (MATH.md §5).
 
 Arguments and their meaning follow the published ``singd`` package (``SINGD(model, lr=…, momentum=…,
 damping=…, alpha1=…, weight_decay=…, T=…, loss_average=…, lr_cov=…, structures=…, kfac_approx=…,
 kfac_like=…, preconditioner_dtype=…, init_grad_scale=…, normalize_lr_cov=…)``); the formulas live
-in the core, this module only captures rows and schedules the calls.
+in the core (the engine's statistics are :func:`maccore.singd.singd_input_statistics` /
+:func:`maccore.singd.singd_grad_statistics`); this module only validates the arguments and evaluates
+the ``lr_cov`` schedule.
 
 Per collecting step (``t % T == 0``, ``t`` = completed optimizer steps):
 
@@ -47,49 +49,16 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 import maccore
-from maccore.singd import SingdState
-from maccore.singd import singd as _core_singd
-from maccore_torch._base import (
-    XP,
-    CurvatureOptimizer,
-    HookedPreconditioner,
-    _Acc,
-    loss_terms,
-    unreduce,
-)
-from maccore_torch.attention import MhaCapture
+from maccore.engine import singd_method
+
+from maccore_torch._base import HookedPreconditioner
+from maccore_torch.optimizer import CurvatureOptimizer
 from maccore_torch.specs import Layer
 
 __all__ = ["SINGD", "SINGDPreconditioner"]
-
-_LOSS_AVERAGE = (None, "batch", "batch+sequence")
-
-
-def _flat(structure: Any) -> torch.Tensor:
-    """The parameters of a structure as one 1-D tensor (pooled / all-reduced like any statistic)."""
-    parts = [p.reshape(-1) for p in structure]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _unflat(flat: torch.Tensor, template: Any) -> Any:
-    """Inverse of :func:`_flat` with the class and parameter shapes of ``template``."""
-    out, offset = [], 0
-    for p in template:
-        n = p.numel()
-        out.append(flat[offset:offset + n].reshape(p.shape))
-        offset += n
-    return type(template)(*out)
-
-
-def _to_dtype(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``x · scale`` computed in the wider of ``x.dtype`` and ``dtype``, then cast to ``dtype``."""
-    wide = torch.promote_types(x.dtype, dtype)
-    y = x.to(wide) * scale
-    return y if y.dtype == dtype else y.to(dtype)
 
 
 class SINGDPreconditioner(HookedPreconditioner):
@@ -115,7 +84,6 @@ class SINGDPreconditioner(HookedPreconditioner):
 
     method = "SINGD"
     roles = frozenset({"linear", "conv2d", "qkv", "mha_out"})
-    grad_keys = ("H_C",)
 
     def __init__(
         self,
@@ -139,16 +107,8 @@ class SINGDPreconditioner(HookedPreconditioner):
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
     ):
-        self.kfac_approx = maccore.KFACType(kfac_approx)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be a positive integer, got {T!r}")
-        if loss_average not in _LOSS_AVERAGE:
-            raise ValueError(f"loss_average must be one of {_LOSS_AVERAGE}, got {loss_average!r}")
-        if reduction_factor is not None and not (
-            isinstance(reduction_factor, numbers.Real) and not isinstance(reduction_factor, bool)
-            and math.isfinite(reduction_factor) and reduction_factor > 0
-        ):
-            raise ValueError(f"reduction_factor must be a positive number, got {reduction_factor!r}")
         if not callable(lr_cov):
             if isinstance(lr_cov, bool) or not isinstance(lr_cov, numbers.Real) or not (
                 math.isfinite(lr_cov) and lr_cov >= 0
@@ -160,87 +120,33 @@ class SINGDPreconditioner(HookedPreconditioner):
             raise ValueError(f"init_grad_scale must be a positive number, got {init_grad_scale!r}")
         if not isinstance(kfac_like, bool) or not isinstance(normalize_lr_cov, bool):
             raise TypeError("kfac_like and normalize_lr_cov must be True or False")
-        self.damping, self.T, self.lr_cov = damping, T, lr_cov
-        self.structures = tuple(structures) if isinstance(structures, (tuple, list)) else structures
-        self.kfac_like, self.normalize_lr_cov = kfac_like, normalize_lr_cov
-        self.loss_average, self.reduction_factor = loss_average, reduction_factor
-        self.preconditioner_dtype = preconditioner_dtype
-        self.init_grad_scale = float(init_grad_scale)
         with warnings.catch_warnings(record=True) as caught:  # re-issue at the user's call site
             warnings.simplefilter("always")
-            self._pc = _core_singd(
-                structures=structures, alpha1=alpha1, lr_cov=0.0, damping=damping,
-                kfac_like=kfac_like, normalize_lr_cov=normalize_lr_cov,
-                preconditioner_dtype=preconditioner_dtype,
+            curvature = singd_method(
+                damping=damping, alpha1=alpha1, lr_cov=lr_cov, structures=structures,
+                kfac_like=kfac_like, kfac_approx=kfac_approx, loss_average=loss_average,
+                reduction_factor=reduction_factor, preconditioner_dtype=preconditioner_dtype,
+                normalize_lr_cov=normalize_lr_cov,
             )
         for w in caught:
             warnings.warn(str(w.message).replace("singd:", "SINGD:"), w.category, stacklevel=3)
+        self.damping, self.T, self.lr_cov = damping, T, lr_cov
+        self.structures = tuple(structures) if isinstance(structures, (tuple, list)) else structures
+        self.kfac_like, self.normalize_lr_cov = kfac_like, normalize_lr_cov
+        self.kfac_approx = maccore.KFACType(kfac_approx)
+        self.loss_average, self.reduction_factor = loss_average, reduction_factor
+        self.preconditioner_dtype = preconditioner_dtype
+        self.init_grad_scale = float(init_grad_scale)
         self.alpha1 = 0.0 if kfac_like else float(alpha1)
-        super().__init__(model, t_cov=T, t_inv=T, params=params, skip_layers=skip_layers,
+        super().__init__(model, curvature, t_cov=T, t_inv=T, params=params, skip_layers=skip_layers,
                          grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group)
-
-    @property
-    def _reduce(self) -> bool:
-        return self.kfac_approx is maccore.KFACType.REDUCE
-
-    # ------------------------------------------------------------------ per-layer core calls
-    def _init_state(self, layer: Layer) -> SingdState:
-        w = layer.weight
-        return self._pc.init(layer.spec.d_tilde, layer.spec.d_out, xp=XP, dtype=w.dtype, device=w.device)
-
-    def _templates(self, layer: Layer) -> dict[str, torch.Tensor]:
-        return {"H_K": _flat(layer.state.K), "H_C": _flat(layer.state.C)}
-
-    def _input_stats(self, layer: Layer, spec: maccore.LayerSpec, x: torch.Tensor) -> dict:
-        K = layer.state.K
-        rows = maccore.to_rows(spec, x, reduce=self._reduce)
-        n = int(rows.shape[0])
-        a = _to_dtype(rows, 1.0 / math.sqrt(n), K.dtype)  # aᵀa = A
-        return {"H_K": (_flat(K.from_inner(a.T)), n, "mean")}
-
-    def _forward_stats(self, layer, spec, x, out) -> dict:
-        return self._input_stats(layer, spec, x)
-
-    def _mha_stats(self, layer: Layer, cap: MhaCapture) -> dict:
-        return self._input_stats(layer, layer.spec, cap.context)  # role "mha_out" only
-
-    def _wants_grads(self, layer: Layer) -> bool:
-        return True
-
-    def _backward_scale(self) -> float:
-        sc = self.grad_scaler
-        if sc is None or not sc.is_enabled():
-            return 1.0
-        return self._scale_stamp if self._scale_stamp is not None else float(sc.get_scale())
-
-    def _grad_stats(self, layer, spec, g) -> dict:
-        C = layer.state.C
-        rows = maccore.to_grad_rows(spec, g, reduce=self._reduce)
-        terms = loss_terms(spec, g, self.loss_average)
-        gr = _to_dtype(rows, 1.0 / self._backward_scale(), C.dtype)  # unscaled by the GradScaler
-        return {"H_C": (_flat(C.from_inner(gr.T)), terms, "sum")}
-
-    def _finalize(self, layer: Layer, key: str, acc: _Acc) -> tuple[torch.Tensor, float]:
-        if key != "H_C":
-            return acc.value, acc.weight
-        return unreduce(acc.value, acc.weight, self.reduction_factor, self.loss_average), 1.0
 
     def current_lr_cov(self) -> float:
         """β1 at the current step (``lr_cov(t)`` for a schedule)."""
         return float(self.lr_cov(self.t)) if callable(self.lr_cov) else float(self.lr_cov)
 
-    def _fold(self, layer: Layer, stats: dict) -> None:
-        if "H_K" in stats and "H_C" in stats:
-            st = layer.state
-            H = (_unflat(stats["H_K"], st.K), _unflat(stats["H_C"], st.C))
-            layer.state = self._pc.update(st, statistics=H, lr_cov=self.current_lr_cov())
-            layer.updates += 1
-
-    def _refresh(self, layer: Layer) -> None:
-        pass  # SINGD keeps no cache
-
-    def _apply(self, layer: Layer, grad_mat: torch.Tensor) -> torch.Tensor:
-        return self._pc.apply(layer.state, grad_mat)
+    def _update_kwargs(self) -> dict:
+        return {"lr_cov": self.current_lr_cov()}
 
     def _describe(self, layer: Layer) -> str:
         st = layer.state
@@ -250,7 +156,7 @@ class SINGDPreconditioner(HookedPreconditioner):
 
     def _hyperparameters(self) -> dict:
         lr_cov = self.lr_cov if not callable(self.lr_cov) else repr(self.lr_cov)
-        return {**super()._hyperparameters(), "T": self.T, "damping": self.damping,
+        return {"t_cov": self.t_cov, "t_inv": self.t_inv, "T": self.T, "damping": self.damping,
                 "alpha1": self.alpha1, "lr_cov": lr_cov, "structures": [str(s) for s in self.structures],
                 "kfac_like": self.kfac_like, "kfac_approx": self.kfac_approx.value,
                 "loss_average": self.loss_average, "reduction_factor": self.reduction_factor,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from maccore import ConvSpec, LayerKind, LayerSpec, QkvSpec
+from maccore.engine import with_first_layer
 
 __all__ = ["UnsupportedLayerError", "layer_spec", "discover_layers"]
 
@@ -90,15 +91,28 @@ class Layer:
     specs: dict  # id(module) -> LayerSpec (tied modules may differ in conv geometry)
     weight: nn.Parameter
     bias: nn.Parameter | None
-    state: Any = None
+    state: Any = None  # the layer's state of the preconditioner's maccore.engine.CurvatureMethod
     updates: int = 0  # number of statistics folds (Python mirror of the EMA count: no device sync)
-    first_inv: torch.Tensor | None = None  # MAC: the first layer's full damped inverse
-    acc: dict = field(default_factory=dict)  # statistics accumulated during the current step
-    cache: Any = None  # method-specific values derived from ``state`` at refresh (e.g. MAC's coef)
+    acc: dict = field(default_factory=dict)  # {key: maccore.engine.Stat} of this step's forwards
+    grad_acc: dict = field(default_factory=dict)  # ... and of its backwards (zero_grad drops them)
 
     @property
     def spec(self) -> LayerSpec:
         return self.specs[id(self.modules[0])]
+
+    @property
+    def first_inv(self) -> torch.Tensor | None:
+        """MAC: the first layer's fixed inverse ``(A + λI)⁻¹``, kept in the state
+        (``MacState.first_inv``); ``None`` otherwise."""
+        return getattr(self.state, "first_inv", None)
+
+    @first_inv.setter
+    def first_inv(self, inverse: torch.Tensor | None) -> None:
+        if inverse is None:
+            if self.first_inv is not None:
+                self.state = self.state._replace(first_inv=None)
+        else:
+            self.state = with_first_layer(self.state, inverse)
 
 
 def _mha_layers(name: str, m: nn.MultiheadAttention, qkv: QkvSpec | None) -> list[Layer]:

@@ -49,7 +49,7 @@ PAIRS = {  # torch module name -> flax params path
 }
 
 
-def flax_params(tmodel, pairs):
+def flax_params(tmodel, pairs, dtype=F32):
     out = {}
     for tname, fname in pairs.items():
         mod = getattr(tmodel, tname)
@@ -57,9 +57,9 @@ def flax_params(tmodel, pairs):
         kernel = (
             w.T if w.ndim == 2 else w.transpose(2, 3, 1, 0)
         )  # [out, in] → [in, out]; OIHW → HWIO
-        out[fname] = {"kernel": jnp.asarray(kernel, F32)}
+        out[fname] = {"kernel": jnp.asarray(kernel, dtype)}
         if mod.bias is not None:
-            out[fname]["bias"] = jnp.asarray(mod.bias.detach().numpy(), F32)
+            out[fname]["bias"] = jnp.asarray(mod.bias.detach().numpy(), dtype)
     return out
 
 
@@ -173,7 +173,7 @@ def jax_stepper(kind, model, tx, *, output_grads):
 
     def run(p, s, batches):
         for x, y in batches:
-            x = x if kind == "mlp" else x.transpose(0, 2, 3, 1)  # NCHW → NHWC
+            x = x.transpose(0, 2, 3, 1) if kind == "cnn" else x  # NCHW → NHWC
             p, s = step(p, s, jnp.asarray(x), jnp.asarray(y))
         return p, s
 
@@ -186,7 +186,7 @@ def run_jax(kind, model, tx, params, *, output_grads):
     return run(params, tx.init(params), data(kind))[0]
 
 
-def assert_same_trajectory(start, final_torch, final_jax):
+def assert_same_trajectory(start, final_torch, final_jax, *, rtol=2e-4, atol=2e-5):
     """Both frameworks moved the weights, and to the same place (float32: rtol 2e-4)."""
     moved = max(
         float(np.max(np.abs(to_np(a) - to_np(b))))
@@ -197,7 +197,7 @@ def assert_same_trajectory(start, final_torch, final_jax):
         jax.tree_util.tree_flatten_with_path(final_jax)[0], jax.tree.leaves(final_torch)
     ):
         np.testing.assert_allclose(
-            to_np(a), to_np(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+            to_np(a), to_np(b), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
         )
 
 

@@ -23,10 +23,13 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+import array_api_compat  # noqa: E402
+
 import maccore  # noqa: E402
 import maccore_torch as mt  # noqa: E402
 
 DT = torch.float64
+XP = array_api_compat.array_namespace(torch.empty(0))
 
 
 def _supported(model):
@@ -181,7 +184,7 @@ def test_adapter_equals_core(kind, diagonal):
         pre.step()
         for l in layers:
             rows = rows_of(l, cap.inputs(l)[0])
-            st = core.get(id(l)) or pc.init(rows.shape[1], l.weight.shape[0], xp=mt._base.XP, dtype=DT)
+            st = core.get(id(l)) or pc.init(rows.shape[1], l.weight.shape[0], xp=XP, dtype=DT)
             g_rows = grad_rows_of(l, cap.grads[id(l)][0]) if diagonal else None
             st = pc.refresh(pc.update(st, rows, g_rows))
             core[id(l)] = st
@@ -190,6 +193,44 @@ def test_adapter_equals_core(kind, diagonal):
             # and the mean is the plain row mean of the batch (debiased EMA, first step)
             if step == 0:
                 torch.testing.assert_close(st.mean_hat, rows.mean(0), rtol=1e-12, atol=1e-12)
+    cap.remove()
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp3d"])
+@pytest.mark.parametrize("scale", ["reference", "inverse"])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_scale_and_diagonal_equal_dense_formula(kind, scale, diagonal):
+    """``MAC(scale=..., diagonal=...)`` == diag(1/(ẑ+λ)) Ĝ (ââᵀ + λI)⁻¹ · s (s = λ for the
+    reference scale, 1 for the inverse scale), with â and ẑ the debiased EMAs of the core's
+    statistics (:func:`maccore.mean_activation`, :func:`maccore.gradient_diagonal`) of the captured
+    inputs and output gradients, and the inverse formed densely (not by the rank-1 code)."""
+    torch.manual_seed(13)
+    model = (_conv_model() if kind == "conv" else _mlp3d_model()).to(DT)
+    x = torch.randn(2, 2, 7, 7, dtype=DT) if kind == "conv" else torch.randn(3, 4, 4, dtype=DT)
+    layers = _supported(model)
+    cap = Capture(layers)
+    lam, beta = 0.3, 0.8
+    pre = mt.MACPreconditioner(model, stat_decay=beta, damping=lam, t_cov=1, t_inv=1, scale=scale,
+                               diagonal=diagonal)
+    ema_a = {id(l): 0.0 for l in layers}
+    ema_z = {id(l): 0.0 for l in layers}
+    for k in range(1, 4):
+        cap.clear()
+        model.zero_grad()
+        (model(x + 0.2 * k) ** 2).sum().backward()
+        raw = {id(l): grad_mat_of(l) for l in layers}
+        pre.step()
+        for l in layers:
+            a = maccore.mean_activation(rows_of(l, cap.inputs(l)[0]))
+            z = maccore.gradient_diagonal(grad_rows_of(l, cap.grads[id(l)][0]))
+            ema_a[id(l)] = beta * ema_a[id(l)] + (1 - beta) * a
+            ema_z[id(l)] = beta * ema_z[id(l)] + (1 - beta) * z
+            a_hat, z_hat = ema_a[id(l)] / (1 - beta ** k), ema_z[id(l)] / (1 - beta ** k)
+            P = torch.linalg.inv(torch.outer(a_hat, a_hat) + lam * torch.eye(a_hat.shape[0], dtype=DT))
+            want = raw[id(l)] @ P * (lam if scale == "reference" else 1.0)
+            if diagonal:
+                want = want / (z_hat + lam)[:, None]
+            torch.testing.assert_close(grad_mat_of(l), want, rtol=1e-10, atol=1e-12)
     cap.remove()
 
 
@@ -341,7 +382,8 @@ def test_fit_first_layer_true_inverse():
     A = sum(rows_of(model.conv, xb).T @ rows_of(model.conv, xb) / rows_of(model.conv, xb).shape[0]
             for xb in xs) / len(xs)
     P = torch.linalg.inv(A + lam * torch.eye(A.shape[0], dtype=DT))
-    torch.testing.assert_close(pre.layers[0].first_inv, P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pre.layers[0].state.first_inv, P, rtol=1e-10, atol=1e-12)  # in the MacState
+    assert pre.layers[0].first_inv is pre.layers[0].state.first_inv
     x, y = _data(1)[0]
     F.cross_entropy(model(x), y).backward()
     G = grad_mat_of(model.conv)
@@ -440,6 +482,75 @@ def test_checkpoint_round_trip(diagonal):
     assert opt2.t == 5
     _train(model2, opt2, data[5:])
     assert_params_close(params_of(model2), final, rtol=0, atol=0)
+
+
+def _previous_format(sd):
+    """A MAC state_dict as written before the first-layer inverse moved into the MacState: a
+    separate ``"first_inv"`` entry per layer and no ``first_inv`` field in the state."""
+    sd = copy.deepcopy(sd)
+    for entry in sd["maccore"]["layers"].values():
+        entry["first_inv"] = entry["state"].pop("first_inv")
+    return sd
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_checkpoint_of_the_previous_format_loads(diagonal):
+    torch.manual_seed(9)
+    data = _data(8)
+    model = RefNet().to(DT)
+    model2 = copy.deepcopy(model)
+    kw = dict(t_cov=2, t_inv=3, stat_decay=0.9, diagonal=diagonal)
+    opt = mt.MAC(model, **kw)
+    opt.fit_first_layer([d[0] for d in data[:2]])
+    _train(model, opt, data[:4])
+    sd = opt.state_dict()
+    assert "first_inv" in sd["maccore"]["layers"]["conv"]["state"]
+    old = _previous_format(sd)
+    model2.load_state_dict(model.state_dict())
+    _train(model, opt, data[4:])
+    opt2 = mt.MAC(model2, **kw)  # no fit_first_layer: the inverse comes from the checkpoint
+    opt2.load_state_dict(old)
+    assert opt2.t == opt2.count == 4
+    torch.testing.assert_close(opt2.preconditioner.layers[0].state.first_inv,
+                               opt.preconditioner.layers[0].state.first_inv, rtol=0, atol=0)
+    _train(model2, opt2, data[4:])
+    assert_params_close(params_of(model2), params_of(model), rtol=0, atol=0)
+    if not diagonal:  # the fixed layer's hook is gone after loading, as after fit_first_layer
+        assert int(opt2.preconditioner.layers[0].state.mean.count) == 0
+
+
+def test_previous_format_fused_qkv_off_loads():
+    """The previous format kept one factor [d̃] for a declared fused qkv layer in mode "off"; the
+    engine keeps the three equal row-block factors [3, d̃]."""
+    torch.manual_seed(2)
+    kw = dict(damping=0.7, t_cov=1, t_inv=1, attention={"qkv": mt.QKV(num_heads=2, mode="off")})
+    model = QkvBlock(heads=2).to(DT)
+    pre = mt.MACPreconditioner(model, **kw)
+    (model(torch.randn(3, 5, 6, dtype=DT)) ** 2).sum().backward()
+    pre.step()
+    sd = copy.deepcopy(pre.state_dict())
+    for entry in sd["layers"].values():
+        st = entry["state"]
+        entry["first_inv"] = st.pop("first_inv")
+        if st["mean"]["value"].ndim == 2:  # the old single factor
+            st["mean"]["value"], st["mean_hat"] = st["mean"]["value"][0], st["mean_hat"][0]
+    pre2 = mt.MACPreconditioner(QkvBlock(heads=2).to(DT), **kw)
+    pre2.load_state_dict(sd)
+    st, st2 = pre.states()["qkv"], pre2.states()["qkv"]
+    assert tuple(st2.mean_hat.shape) == (3, 7)
+    torch.testing.assert_close(st2.mean_hat, st.mean_hat, rtol=0, atol=0)
+    torch.testing.assert_close(st2.mean.value, st.mean.value, rtol=0, atol=0)
+
+
+def test_step_counter_is_also_count():
+    model = RefNet().to(DT)
+    opt = mt.MAC(model, t_cov=1, t_inv=1)
+    _train(model, opt, _data(2))
+    assert opt.t == opt.count == opt.preconditioner.count == 2
+    with pytest.raises(AttributeError):
+        opt.count = 0
+    with pytest.raises(AttributeError):
+        opt.preconditioner.count = 0
 
 
 def test_preconditioner_before_torch_sgd_equals_mac():

@@ -1,5 +1,5 @@
-"""Native fast paths (maccore/_delegate.py and the torch adapter's in-place MAC step) against the
-standard-only formulation they replace."""
+"""Native fast paths (maccore/_delegate.py) against the standard-only formulation they replace and
+a float64 dense formula, and the torch adapter's in-place step against the generic path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from maccore import _delegate
 from tests.conftest import asarray, assert_close, to_numpy, tol
 
-SPLIT_CASES = [  # (d_out, n, heads, bias)
+MAC_CASES = [  # (d_out, n, heads, bias)
     (1, 1, None, True),
     (7, 5, None, True),
     (7, 5, None, False),
@@ -18,9 +18,13 @@ SPLIT_CASES = [  # (d_out, n, heads, bias)
     (12, 9, 3, False),
     (24, 17, 12, True),
 ]
+ROW_SCALES = ["none", "inverse", "smac", "smac_inverse"]
+LAM = 0.7
 
 
-def _split_data(xp, dtype, d_out, n, heads, bias, seed=0):
+def _mac_data(d_out, n, heads, bias, row_scale, seed=0):
+    """float64 NumPy operands of ``mac_rank1`` and the dense result
+    ``diag(r) (G̃ − inv·(G̃ a) aᵀ)`` per row block, with ``inv = 1/(λ + aᵀa)``."""
     rng = np.random.default_rng(seed)
     gw = rng.standard_normal((d_out, n))
     gb = rng.standard_normal(d_out) if bias else None
@@ -28,71 +32,145 @@ def _split_data(xp, dtype, d_out, n, heads, bias, seed=0):
     a = rng.standard_normal(shape) + 0.5
     if bias:
         a[..., n] = 1.0
-    coef = a / (0.7 + np.sum(a * a, axis=-1, keepdims=True))
+    inv = 1.0 / (LAM + np.sum(a * a, axis=-1, keepdims=True))  # [1] or [H, 1]
+    inv = inv.reshape(()) if heads is None else inv
+    z = rng.uniform(0.1, 2.0, d_out)
+    rs = {"none": None, "inverse": 1.0 / LAM, "smac": 1.0 / (z + LAM),
+          "smac_inverse": 1.0 / (z + LAM) / LAM}[row_scale]
     g_full = gw if gb is None else np.concatenate([gw, gb[:, None]], axis=1)
-    if heads is None:
-        want = g_full - np.outer(g_full @ a, coef)
-    else:
-        gh = g_full.reshape(heads, d_out // heads, -1)
-        want = (gh - (gh @ a[:, :, None]) * coef[:, None, :]).reshape(d_out, -1)
-    conv = lambda v: None if v is None else asarray(xp, v, dtype)  # noqa: E731
-    return conv(gw), conv(gb), conv(a), conv(coef), g_full, want
+    d_t = g_full.shape[1]
+    a2 = a.reshape(-1, d_t)
+    inv2 = np.asarray(inv).reshape(-1)
+    r = d_out // a2.shape[0]
+    want = np.empty_like(g_full)
+    for h in range(a2.shape[0]):  # one dense [d̃, d̃] matrix per row block
+        M = np.eye(d_t) - inv2[h] * np.outer(a2[h], a2[h])
+        want[h * r:(h + 1) * r] = g_full[h * r:(h + 1) * r] @ M
+    if rs is not None:
+        want = want * (np.reshape(rs, (-1, 1)) if np.ndim(rs) else rs)
+    return gw, gb, a, inv, rs, want
 
 
-@pytest.mark.parametrize("d_out,n,heads,bias", SPLIT_CASES)
-def test_rank1_update_split_standard(xp, dtype, d_out, n, heads, bias):
-    """The split (weight, bias) form equals the rank-1 update of the concatenated matrix."""
-    gw, gb, a, coef, _, want = _split_data(xp, dtype, d_out, n, heads, bias)
-    new_w, new_b = _delegate.rank1_update_split_standard(xp, gw, gb, a, coef)
-    assert new_w.dtype == dtype and tuple(new_w.shape) == (d_out, n)
-    assert_close(new_w, want[:, :n], **tol(xp, dtype))
+def _conv(xp, dtype, v):
+    if v is None or isinstance(v, float):
+        return v
+    return asarray(xp, np.asarray(v), dtype)
+
+
+def _check_split(w, b, want, n, bias, t):
+    assert_close(w, want[:, :n], **t)
     if bias:
-        assert new_b.dtype == dtype and tuple(new_b.shape) == (d_out,)
-        assert_close(new_b, want[:, n], **tol(xp, dtype))
+        assert_close(b, want[:, n], **t)
     else:
-        assert new_b is None
-    # the dispatching entry point agrees with the standard form on every backend
-    fw, fb = _delegate.rank1_update_split(xp, gw, gb, a, coef)
-    assert_close(fw, to_numpy(new_w), **tol(xp, dtype))
-    if bias:
-        assert_close(fb, to_numpy(new_b), **tol(xp, dtype))
+        assert b is None
+
+
+@pytest.mark.parametrize("row_scale", ROW_SCALES)
+@pytest.mark.parametrize("d_out,n,heads,bias", MAC_CASES)
+def test_mac_rank1_standard_equals_dense(xp, dtype, d_out, n, heads, bias, row_scale):
+    """The standard-only form equals the dense formula on every backend (one factor / per head,
+    bias column split or absent, no / scalar / per-row scales)."""
+    gw, gb, a, inv, rs, want = _mac_data(d_out, n, heads, bias, row_scale)
+    c = lambda v: _conv(xp, dtype, v)  # noqa: E731
+    w, b = _delegate.mac_rank1_standard(xp, c(gw), c(gb), c(a), c(inv), c(rs))
+    assert w.dtype == dtype and tuple(w.shape) == (d_out, n)
+    _check_split(w, b, want, n, bias, tol(xp, dtype))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("dt", ["float32", "float64"])
-@pytest.mark.parametrize("d_out,n,heads,bias", SPLIT_CASES)
-def test_rank1_update_split_torch_fast_path(dt, d_out, n, heads, bias, inplace):
-    """torch mv/bmm + addr/baddbmm/addcmul (optionally in place) against the standard form."""
-    torch = pytest.importorskip("torch")
-    import array_api_compat
-
-    xp = array_api_compat.array_namespace(torch.empty(0))
-    dtype = getattr(torch, dt)
-    gw, gb, a, coef, _, _ = _split_data(xp, dtype, d_out, n, heads, bias, seed=1)
-    std_w, std_b = _delegate.rank1_update_split_standard(xp, gw, gb, a, coef)
-    gw0, gb0 = gw.clone(), None if gb is None else gb.clone()
-    fw, fb = _delegate.rank1_update_split(xp, gw, gb, a, coef, inplace=inplace)
-    assert fw.dtype == dtype and fw.shape == gw.shape
-    assert_close(fw, to_numpy(std_w), **tol(xp, dtype))
+@pytest.mark.parametrize("row_scale", ROW_SCALES)
+@pytest.mark.parametrize("d_out,n,heads,bias", MAC_CASES)
+def test_mac_rank1_equals_standard(xp, dtype, d_out, n, heads, bias, row_scale, inplace):
+    """The dispatching entry point: ``None`` (the caller's standard path) or the standard result,
+    written into the inputs when ``inplace`` (NumPy, torch), leaving them untouched otherwise."""
+    gw, gb, a, inv, rs, want = _mac_data(d_out, n, heads, bias, row_scale, seed=1)
+    c = lambda v: _conv(xp, dtype, v)  # noqa: E731
+    args = (c(gw), c(gb), c(a), c(inv), c(rs))
+    std_w, std_b = _delegate.mac_rank1_standard(xp, *args)
+    g0 = [None if v is None else to_numpy(v).copy() for v in args[:2]]
+    got = _delegate.mac_rank1(xp, *args, inplace=inplace)
+    if got is None:  # no fast path for this backend / shape
+        return
+    w, b = got
+    t = tol(xp, dtype)
+    assert w.dtype == dtype and tuple(w.shape) == (d_out, n)
+    _check_split(w, b, want, n, bias, t)
+    assert_close(w, to_numpy(std_w), **t)
     if bias:
-        assert_close(fb, to_numpy(std_b), **tol(xp, dtype))
-    if inplace:  # written into the given tensors
-        assert fw.data_ptr() == gw.data_ptr() and (not bias or fb.data_ptr() == gb.data_ptr())
-    else:  # inputs untouched
-        assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
+        assert_close(b, to_numpy(std_b), **t)
+    if inplace:
+        assert w is args[0] and (not bias or b is args[1])
+    else:
+        assert np.array_equal(to_numpy(args[0]), g0[0])
+        assert not bias or np.array_equal(to_numpy(args[1]), g0[1])
 
 
-def test_rank1_update_split_torch_parts_matches_unsplit():
-    """The pre-split entry point (what the adapter caches) equals the unsplit one."""
+def _torch_xp():
     torch = pytest.importorskip("torch")
     import array_api_compat
 
-    xp = array_api_compat.array_namespace(torch.empty(0))
-    gw, gb, a, coef, _, _ = _split_data(xp, torch.float64, 12, 9, 3, True, seed=2)
+    return torch, array_api_compat.array_namespace(torch.empty(0))
+
+
+@pytest.mark.parametrize("cpu_blas", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("row_scale", ROW_SCALES)
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("d_out,n,heads,bias", MAC_CASES)
+def test_mac_rank1_torch_paths(d_out, n, heads, bias, dt, row_scale, inplace, cpu_blas, monkeypatch):
+    """torch: the NumPy/BLAS kernel on shared memory (``cpu_blas``: forced on for these small
+    tensors, one factor only) and torch's mv/addr (bmm/baddbmm per head) kernels both equal the
+    dense formula and the standard form, in place into the same storage or into new tensors."""
+    torch, xp = _torch_xp()
+    if cpu_blas:
+        pytest.importorskip("scipy")
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0 if cpu_blas else 1 << 62)
+    dtype = getattr(torch, dt)
+    gw, gb, a, inv, rs, want = _mac_data(d_out, n, heads, bias, row_scale, seed=2)
+    c = lambda v: _conv(xp, dtype, v)  # noqa: E731
+    args = (c(gw), c(gb), c(a), c(inv), c(rs))
+    std_w, std_b = _delegate.mac_rank1_standard(xp, *args)
+    if heads is None:  # which kernel runs
+        assert _delegate._cpu_blas_ok(args[0], args[1], args[2]) == cpu_blas
+    ptrs = (args[0].data_ptr(), None if gb is None else args[1].data_ptr())
+    g0 = [None if v is None else v.clone() for v in args[:2]]
+    w, b = _delegate.mac_rank1(xp, *args, inplace=inplace)
+    t = {"rtol": 1e-5, "atol": 1e-5} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-12}
+    _check_split(w, b, want, n, bias, t)
+    torch.testing.assert_close(w, std_w, **t)
+    if bias:
+        torch.testing.assert_close(b, std_b, **t)
+    if inplace:
+        assert w.data_ptr() == ptrs[0] and (not bias or b.data_ptr() == ptrs[1])
+    else:
+        assert torch.equal(args[0], g0[0]) and (not bias or torch.equal(args[1], g0[1]))
+
+
+def test_rank1_split_torch_parts_matches_standard():
+    """The pre-split torch kernel (explicit ``coef``, per head) equals the standard form."""
+    torch, xp = _torch_xp()
+    gw, gb, a, inv, _, want = _mac_data(12, 9, 3, True, "none", seed=3)
+    gw, gb, a, inv = (torch.as_tensor(v) for v in (gw, gb, a, inv))
+    coef = a * inv
     n = gw.shape[1]
-    w1, b1 = _delegate.rank1_update_split(xp, gw, gb, a, coef)
-    w2, b2 = _delegate.rank1_split_torch_parts(gw, gb, a[:, :n], a[:, n], coef[:, :n], coef[:, n], inplace=False)
-    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[:, :n], a[:, n], coef[:, :n], coef[:, n], inplace=False)
+    sw, sb = _delegate.mac_rank1_standard(xp, gw, gb, a, inv, None)
+    torch.testing.assert_close(w, sw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, sb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, torch.as_tensor(want[:, :n]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_rank1_split_torch_parts_scaled(heads):
+    """``scale`` s with ``c = a``: the same as ``coef = s·a`` (no second vector of size d̃)."""
+    torch, _ = _torch_xp()
+    gw, gb, a, inv, _, want = _mac_data(12, 9, heads, True, "none", seed=4)
+    gw, gb, a, inv = (torch.as_tensor(v) for v in (gw, gb, a, inv))
+    n = gw.shape[1]
+    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[..., :n], a[..., n], a[..., :n], a[..., n],
+                                            inplace=True, scale=inv)
+    torch.testing.assert_close(w, torch.as_tensor(want[:, :n]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, torch.as_tensor(want[:, n]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("blas", [True, False])
@@ -100,48 +178,58 @@ def test_rank1_update_split_torch_parts_matches_unsplit():
 @pytest.mark.parametrize("dt", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("chunk", [64, 4096, 1 << 19])
 @pytest.mark.parametrize("m,n", [(1, 1), (33, 7), (300, 2000), (2000, 3), (0, 5), (4, 0)])
-def test_rank1_numpy_fast_path(chunk, m, n, dt, layout, blas, monkeypatch):
-    """The cache-blocked NumPy loop (BLAS ?ger through SciPy, or ufuncs) equals the standard form for
-    any block size (1 row … the whole matrix), dtype and memory layout, and leaves ``g`` untouched."""
+def test_mac_rank1_numpy_blocks(chunk, m, n, dt, layout, blas, monkeypatch):
+    """NumPy: the cache-blocked loop (BLAS ?ger through SciPy, or ufuncs) equals the standard form
+    for any block size (1 row … the whole matrix) and leaves ``g`` untouched; layouts and dtypes it
+    does not take (Fortran order, strided views, float16) are left to the standard path (``None``)."""
     import array_api_compat
 
     if blas and dt != "float16":
         pytest.importorskip("scipy")
+    else:
+        monkeypatch.setattr(_delegate, "_GER", {"f": None, "d": None, "e": None})
     xp = array_api_compat.array_namespace(np.empty(0))
     monkeypatch.setattr(_delegate, "_CHUNK_BYTES", chunk)
     rng = np.random.default_rng(m + n)
     g = rng.standard_normal((m, 2 * n) if layout == "strided" else (m, n)).astype(dt)
     g = g[:, ::2] if layout == "strided" else (np.asfortranarray(g) if layout == "F" else g)
     a = rng.standard_normal(n).astype(dt)
-    coef = (a / (1.0 + a.astype(np.float64) @ a)).astype(dt)
+    inv = np.asarray(1.0 / (1.0 + a.astype(np.float64) @ a), dtype=dt)
     g0 = g.copy()
-    fast = _delegate._rank1_numpy(g, a, coef, blas=blas)
-    std = _delegate.rank1_update_standard(xp, g, a, coef)
-    assert fast.dtype == g.dtype and fast.shape == (m, n)
+    got = _delegate.mac_rank1(xp, g, None, a, inv, None)
+    if dt == "float16" or (layout != "C" and not g.flags.c_contiguous):
+        assert got is None
+        return
+    fast, fb = got
+    std, _ = _delegate.mac_rank1_standard(xp, g, None, a, inv, None)
+    assert fb is None and fast.dtype == g.dtype and fast.shape == (m, n)
     assert np.array_equal(g, g0)
     if m and n:
-        t = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dt]
+        t = {"float32": 1e-5, "float64": 1e-12}[dt]
         np.testing.assert_allclose(fast.astype(np.float64), std.astype(np.float64), rtol=t,
                                    atol=t * max(1.0, float(np.abs(std.astype(np.float64)).max())))
-    # the dispatching entry point takes the same path
-    np.testing.assert_array_equal(_delegate.rank1_update(xp, g, a, coef), _delegate._rank1_numpy(g, a, coef))
 
 
-def test_rank1_numpy_without_scipy(monkeypatch):
-    """No SciPy: the ufunc loop, same result."""
+def test_mac_rank1_numpy_without_scipy(monkeypatch):
+    """No SciPy: the ufunc loop, the same result as with BLAS."""
     import array_api_compat
 
+    pytest.importorskip("scipy")
     xp = array_api_compat.array_namespace(np.empty(0))
-    monkeypatch.setattr(_delegate, "_GER", {"f": None, "d": None})
     rng = np.random.default_rng(0)
     g = rng.standard_normal((50, 40)).astype(np.float32)
-    a = rng.standard_normal(40).astype(np.float32)
-    coef = (a / (1.0 + a @ a)).astype(np.float32)
-    np.testing.assert_array_equal(_delegate.rank1_update(xp, g, a, coef), _delegate._rank1_numpy(g, a, coef, blas=False))
+    gb = rng.standard_normal(50).astype(np.float32)
+    a = rng.standard_normal(41).astype(np.float32)
+    inv = np.asarray(1.0 / (1.0 + a @ a), dtype=np.float32)
+    w1, b1 = _delegate.mac_rank1(xp, g, gb, a, inv, None)
+    monkeypatch.setattr(_delegate, "_GER", {"f": None, "d": None})
+    w2, b2 = _delegate.mac_rank1(xp, g, gb, a, inv, None)
+    np.testing.assert_allclose(w1, w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
-# the torch adapter's in-place MAC step against the generic path (grad matrix → core apply → split)
+# the torch adapter's in-place MAC step against the generic path (grad matrix → method.apply → split)
 
 
 def _adapter():
@@ -157,21 +245,27 @@ def _adapter():
     return torch, maccore_torch
 
 
+def _generic(maccore, pre, layer, gw, gb):
+    """The preconditioned gradients by the generic path: grad matrix → method.apply → split."""
+    mat = maccore.grad_matrix(gw, gb)
+    out = pre.curvature.apply(layer.spec, layer.state, mat)
+    return maccore.split_grad_matrix(out, tuple(gw.shape), bias=gb is not None)
+
+
 @pytest.mark.parametrize("cpu_blas", [False, True])
 @pytest.mark.parametrize("scale", ["reference", "inverse"])
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("dt", ["float32", "float64"])
 def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt, cpu_blas, monkeypatch):
-    """The adapter's in-place step (torch kernels, or with ``cpu_blas`` the NumPy/BLAS kernel on
-    shared memory, forced for these small layers) equals the core's apply on the gradient matrix."""
+    """The adapter's step (``maccore.engine.apply_split`` in place: torch kernels, or with
+    ``cpu_blas`` the NumPy/BLAS kernel on shared memory, forced for these small layers) writes into
+    the existing ``.grad`` tensors exactly what the generic path computes."""
     torch, mt = _adapter()
     if cpu_blas:
         pytest.importorskip("scipy")
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0 if cpu_blas else 1 << 62)
     import maccore
     from torch import nn
-
-    from maccore_torch._base import HookedPreconditioner
 
     class Net(nn.Module):
         def __init__(self):
@@ -191,6 +285,7 @@ def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt, cpu_blas
             return self.head(t.flatten(1))
 
     dtype = getattr(torch, dt)
+    t = {"rtol": 1e-5, "atol": 1e-6} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-13}
     for mode in ("reference", "per_head", "off"):
         torch.manual_seed(0)
         model = Net().to(dtype)
@@ -202,27 +297,21 @@ def test_torch_adapter_inplace_step_equals_generic(scale, diagonal, dt, cpu_blas
             model(x).square().sum().backward()
             grads = {l.name: (l.weight.grad.clone(), None if l.bias is None else l.bias.grad.clone())
                      for l in pre.layers}
-            ptrs = {l.name: l.weight.grad.data_ptr() for l in pre.layers}
+            ptrs = {l.name: (l.weight.grad.data_ptr(), None if l.bias is None else l.bias.grad.data_ptr())
+                    for l in pre.layers}
             pre.step()
             for layer in pre.layers:
-                gw, gb = grads[layer.name]
-                mat = maccore.grad_matrix(gw, gb)
-                want = pre._core(layer).apply(layer.state, mat)
-                got = maccore.grad_matrix(layer.weight.grad, None if layer.bias is None else layer.bias.grad)
-                t = {"rtol": 1e-5, "atol": 1e-6} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-13}
-                torch.testing.assert_close(got, want, **t)
-                assert layer.weight.grad.data_ptr() == ptrs[layer.name]  # written in place
-            # the generic path on the same gradients gives the same result
-            layer = pre.layers[0]
-            layer.weight.grad, layer.bias.grad = (g.clone() for g in grads[layer.name])
-            HookedPreconditioner._precondition(pre, layer)
-            want = pre._core(layer).apply(layer.state, maccore.grad_matrix(*grads[layer.name]))
-            torch.testing.assert_close(maccore.grad_matrix(layer.weight.grad, layer.bias.grad), want,
-                                       **({"rtol": 1e-5, "atol": 1e-6} if dt == "float32" else {}))
+                want_w, want_b = _generic(maccore, pre, layer, *grads[layer.name])
+                torch.testing.assert_close(layer.weight.grad, want_w, **t)
+                assert layer.weight.grad.data_ptr() == ptrs[layer.name][0]  # written in place
+                if layer.bias is not None:
+                    torch.testing.assert_close(layer.bias.grad, want_b, **t)
+                    assert layer.bias.grad.data_ptr() == ptrs[layer.name][1]
 
 
-def test_torch_adapter_falls_back_for_low_precision_grads():
-    """bfloat16 gradients (float32 statistics) take the generic path: core apply in float32."""
+def test_torch_adapter_low_precision_grads_in_place():
+    """bfloat16 gradients (float32 statistics): computed in float32, written back into the
+    bfloat16 ``.grad`` tensors; equal to the generic path."""
     torch, mt = _adapter()
     import maccore
     from torch import nn
@@ -232,30 +321,40 @@ def test_torch_adapter_falls_back_for_low_precision_grads():
     pre = mt.MACPreconditioner(model, damping=0.5, t_cov=1, t_inv=1)
     model(torch.randn(8, 6, dtype=torch.bfloat16)).float().square().sum().backward()
     grads = {l.name: (l.weight.grad.clone(), l.bias.grad.clone()) for l in pre.layers}
+    ptrs = {l.name: l.weight.grad.data_ptr() for l in pre.layers}
     pre.step()
     for layer in pre.layers:
-        want = pre._core(layer).apply(layer.state, maccore.grad_matrix(*grads[layer.name]))
-        got = maccore.grad_matrix(layer.weight.grad, layer.bias.grad)
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got, want)
+        want_w, want_b = _generic(maccore, pre, layer, *grads[layer.name])
+        assert layer.weight.grad.dtype == torch.bfloat16 and layer.weight.grad.data_ptr() == ptrs[layer.name]
+        torch.testing.assert_close(layer.weight.grad, want_w)
+        torch.testing.assert_close(layer.bias.grad, want_b)
 
 
-@pytest.mark.parametrize("heads", [None, 3])
-def test_rank1_update_split_torch_parts_scaled(heads):
-    """``scale`` s with ``c = a``: the same as ``coef = s·a`` (how the adapter avoids a coef vector)."""
-    torch = pytest.importorskip("torch")
-    import array_api_compat
+def test_torch_adapter_channels_last_in_place_graph_grads_replaced():
+    """A channels-last conv gradient (no ``[d_out, -1]`` view) is still rewritten in place; a
+    gradient that is part of a graph (``create_graph=True``) is replaced by a new tensor. Both equal
+    the generic path."""
+    torch, mt = _adapter()
+    import maccore
+    from torch import nn
 
-    xp = array_api_compat.array_namespace(torch.empty(0))
-    gw, gb, a, coef, _, want = _split_data(xp, torch.float64, 12, 9, heads, True, seed=3)
-    n = gw.shape[1]
-    s = 1.0 / (0.7 + torch.sum(a * a, dim=-1, keepdim=True))
-    if heads is None:
-        s = s[0]
-    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[..., :n], a[..., n], a[..., :n], a[..., n],
-                                            inplace=True, scale=s)
-    torch.testing.assert_close(w, torch.as_tensor(want[:, :n]), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(b, torch.as_tensor(want[:, n]), rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)).double()
+    pre = mt.MACPreconditioner(model, damping=0.5, t_cov=1, t_inv=1)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    model(x).square().sum().backward()
+    conv, lin = pre.layers
+    conv.weight.grad = conv.weight.grad.contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.grad.is_contiguous()
+    lin.weight.grad = lin.weight.grad.clone().requires_grad_()
+    grads = {l.name: (l.weight.grad.detach().clone(), l.bias.grad.clone()) for l in pre.layers}
+    conv_grad, lin_grad = conv.weight.grad, lin.weight.grad
+    pre.step()
+    assert conv.weight.grad is conv_grad and lin.weight.grad is not lin_grad
+    for layer in pre.layers:
+        want_w, want_b = _generic(maccore, pre, layer, *grads[layer.name])
+        torch.testing.assert_close(layer.weight.grad.detach(), want_w, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(layer.bias.grad, want_b, rtol=1e-12, atol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +412,10 @@ def test_l2_bytes_parses_sysfs(tmp_path):
 # torch CPU tensors through the NumPy/BLAS kernel (shared memory) against torch's own kernels
 
 
-def _torch_xp():
-    torch = pytest.importorskip("torch")
+def _torch_blas_xp():
+    torch, xp = _torch_xp()
     pytest.importorskip("scipy")
-    import array_api_compat
-
-    return torch, array_api_compat.array_namespace(torch.empty(0))
+    return torch, xp
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -327,24 +424,21 @@ def _torch_xp():
 def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch):
     """Above the size threshold (here forced to 0) torch CPU tensors take rank1_rows_numpy; the
     result equals torch's mv + addr path, in place into the same storage or into a new tensor."""
-    torch, xp = _torch_xp()
+    torch, xp = _torch_blas_xp()
     dtype = getattr(torch, dt)
     gen = torch.Generator().manual_seed(3)
     gw = torch.randn(41, 29, generator=gen, dtype=dtype)
     gb = torch.randn(41, generator=gen, dtype=dtype) if bias else None
-    a = torch.randn(30, generator=gen, dtype=dtype)
+    a = torch.randn(29 + bias, generator=gen, dtype=dtype)
     s = torch.tensor(0.3, dtype=dtype)
-    ab = a[29] if bias else None
     t = {"rtol": 1e-5, "atol": 1e-5} if dt == "float32" else {"rtol": 1e-12, "atol": 1e-12}
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 1 << 62)  # torch's kernels
     assert not _delegate._cpu_blas_ok(gw, gb, a)
-    want_w, want_b = _delegate.rank1_split_torch_parts(gw.clone(), None if gb is None else gb.clone(), a[:29], ab,
-                                                       a[:29], ab, inplace=False, scale=s)
-    want_f = _delegate.rank1_update(xp, gw, a[:29], a[:29] * s)
+    want_w, want_b = _delegate.mac_rank1(xp, gw.clone(), None if gb is None else gb.clone(), a, s, None)
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)  # the NumPy/BLAS kernel
     assert _delegate._cpu_blas_ok(gw, gb, a)
     gw0, gb0 = gw.clone(), None if gb is None else gb.clone()
-    w, b = _delegate.rank1_split_torch_parts(gw, gb, a[:29], ab, a[:29], ab, inplace=inplace, scale=s)
+    w, b = _delegate.mac_rank1(xp, gw, gb, a, s, None, inplace=inplace)
     torch.testing.assert_close(w, want_w, **t)
     if bias:
         torch.testing.assert_close(b, want_b, **t)
@@ -354,15 +448,13 @@ def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch
         assert w.data_ptr() == gw.data_ptr() and (not bias or b.data_ptr() == gb.data_ptr())
     else:
         assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
-    f = _delegate.rank1_update(xp, gw0, a[:29], a[:29] * s)
-    assert f.dtype == dtype and f.is_contiguous()
-    torch.testing.assert_close(f, want_f, **t)
+        assert w.dtype == dtype and w.is_contiguous()
 
 
 def test_torch_cpu_blas_inplace_bumps_autograd_version(monkeypatch):
     """An in-place write through NumPy is visible to autograd: a tensor saved for backward and
     then preconditioned in place makes backward raise, exactly as with torch's own in-place ops."""
-    torch, _ = _torch_xp()
+    torch, _ = _torch_blas_xp()
     a = torch.randn(6)
     for blas_min in (0, 1 << 62):
         monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", blas_min)
@@ -379,7 +471,7 @@ def test_torch_cpu_blas_inplace_bumps_autograd_version(monkeypatch):
 def test_torch_cpu_blas_path_only_where_memory_can_be_shared(monkeypatch):
     """Autograd, low precision, non-contiguous, mixed dtypes, torch.func transforms and
     small gradients keep torch's own kernels."""
-    torch, _ = _torch_xp()
+    torch, _ = _torch_blas_xp()
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
     g = torch.randn(8, 6)
     a = torch.randn(6)
@@ -407,18 +499,19 @@ def test_torch_cpu_blas_path_propagates_nonfinite_silently(monkeypatch):
     """inf/nan in the gradient propagate as with torch's kernels, without NumPy warnings."""
     import warnings
 
-    torch, xp = _torch_xp()
+    torch, xp = _torch_blas_xp()
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
     g = torch.randn(9, 5)
     g[2, 3] = float("inf")
     g[4, 1] = float("nan")
     a = torch.randn(5)
+    s = torch.tensor(0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = _delegate.rank1_update(xp, g, a, a)
-        w, _ = _delegate.rank1_split_torch_parts(g.clone(), None, a, None, a, None, inplace=True)
+        out, _ = _delegate.mac_rank1(xp, g, None, a, s, None)
+        w, _ = _delegate.mac_rank1(xp, g.clone(), None, a, s, None, inplace=True)
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 1 << 62)
-    want = _delegate.rank1_update(xp, g, a, a)
+    want, _ = _delegate.mac_rank1(xp, g, None, a, s, None)
     for got in (out, w):
         assert torch.equal(torch.isfinite(got), torch.isfinite(want))
         torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)])
