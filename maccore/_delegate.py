@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import weakref
+
 import array_api_compat as compat
 
 Array = Any
@@ -234,6 +236,37 @@ def shares_memory(xp: Any, view: Array, base: Array) -> bool:
         mod = compat.array_namespace(view)
         return bool(getattr(mod, "shares_memory", lambda *_: False)(view, base)) and view.size == base.size
     return False
+
+
+# torch: the MAC factor (â/c, 1/(λ/c² + ‖â/c‖²)) of the last few means, keyed on the tensor's
+# identity and its version counter (bumped by every in-place write), so a mean that is applied many
+# times between two refreshes (an optimizer's state) is prepared once.
+_FACTORS: dict[int, tuple[Any, int, Any, Any]] = {}
+
+
+def memo_factor(xp: Any, mean: Array, damping: Any, dtype: Any, compute: Any) -> Any:
+    """``compute()``, remembered for eager torch tensors per (``mean`` identity and version,
+    ``damping``, ``dtype``); other namespaces, traced or autograd tensors and array-valued
+    dampings compute on each call."""
+    if not compat.is_torch_namespace(xp) or not isinstance(damping, (int, float)):
+        return compute()
+    import torch
+
+    if (mean.requires_grad or torch.compiler.is_compiling() or type(mean) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(mean)):
+        return compute()
+    key = (float(damping), dtype)
+    hit = _FACTORS.get(id(mean))
+    if hit is not None:
+        ref, version, k, value = hit
+        if ref() is mean and version == mean._version and k == key:
+            return value
+    value = compute()
+    if len(_FACTORS) >= 256:  # bounded: drop the oldest entries (dicts keep insertion order)
+        for old in list(_FACTORS)[:64]:
+            del _FACTORS[old]
+    _FACTORS[id(mean)] = (weakref.ref(mean), mean._version, key, value)
+    return value
 
 
 def write_into(xp: Any, out: Array, value: Array) -> Array:

@@ -61,11 +61,7 @@ def namespace(
     named = {k: v for k, v in arrays.items() if v is not None}
     spaces = {}
     for name, arr in named.items():
-        if not compat.is_array_api_obj(arr):
-            raise TypeError(
-                f"{_where(where)}argument {name!r} must be an array, got {type(arr).__name__}"
-            )
-        spaces[name] = compat.array_namespace(arr)
+        spaces[name] = _namespace_of(arr, name, where)
     uniq = {id(xp): xp for xp in spaces.values()}
     if len(uniq) > 1:
         desc = ", ".join(
@@ -75,13 +71,42 @@ def namespace(
     if not uniq:
         raise TypeError(f"{_where(where)}no array argument given")
     xp = next(iter(uniq.values()))
-    devices = {name: compat.device(arr) for name, arr in named.items()}
+    if len(named) == 1:
+        return xp
+    get = _DEVICE.get(type(next(iter(named.values()))), compat.device)
+    devices = {name: get(arr) for name, arr in named.items()}
     # A traced jax array has no device (None): it matches any device.
     known = [d for d in devices.values() if d is not None]
     if any(d != known[0] for d in known[1:]):
         desc = ", ".join(f"{n}: {d}" for n, d in devices.items())
         raise ValueError(f"{_where(where)}arrays on different devices ({desc})")
     return xp
+
+
+# Array type -> its namespace, and a device getter, for the libraries whose namespace depends on
+# the type alone (the per-call overhead of array_api_compat's detection dominates small layers).
+_NAMESPACE: dict[type, Any] = {}
+_DEVICE: dict[type, Any] = {}
+_CACHEABLE = ("numpy", "torch", "jax", "jaxlib", "cupy", "array_api_strict")
+
+
+def _namespace_of(arr: Any, name: str, where: str | None) -> Any:
+    t = type(arr)
+    xp = _NAMESPACE.get(t)
+    if xp is not None:
+        return xp
+    if not compat.is_array_api_obj(arr):
+        raise TypeError(f"{_where(where)}argument {name!r} must be an array, got {t.__name__}")
+    xp = compat.array_namespace(arr)
+    if t.__module__.split(".")[0] in _CACHEABLE:
+        _NAMESPACE[t] = xp
+        if compat.is_torch_array(arr):
+            _DEVICE[t] = _torch_device
+    return xp
+
+
+def _torch_device(x: Any) -> Any:
+    return x.device
 
 
 def check_floating(

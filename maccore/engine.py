@@ -556,7 +556,10 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
         return pc.refresh(state)
 
     def apply(spec, state, grad_mat):
-        if _known_zero(state.a.count):  # never observed: leave the gradient as it is
+        # never observed: leave the gradient as it is. The tikhonov/pi caches start as identities,
+        # so that holds without looking at the counter (no host sync per layer and step); the
+        # exact mode's eigenbasis cache does not, and checks.
+        if damping_mode == "exact" and _known_zero(state.a.count):
             return grad_mat
         return pc.apply(state, grad_mat)
 

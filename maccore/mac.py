@@ -288,15 +288,7 @@ def mac_apply(
     outs = _check_out(out, grad_mat, grad_bias, where)
     sdt = xp.float64 if xp.float64 in (mean.dtype, grad_mat.dtype) else xp.float32
     check_damping_range(xp, damping, sdt, "damping", where)
-    a = to_stats(xp, mean, sdt)
-    # 1 / (λ + âᵀâ) per factor: 0-d for one factor, [H, 1] per head. âᵀâ would overflow for
-    # ‖â‖ ≳ sqrt(max float) (float32: 1.8e19); a factor that large is divided by c = max|â| first:
-    # (G â) âᵀ / (λ + âᵀâ) = (G â/c)(â/c)ᵀ / (λ/c² + (â/c)ᵀ(â/c)). c = 1 (bit-identical) otherwise.
-    big = xp.max(xp.abs(a), axis=-1, keepdims=True)
-    c = xp.where(big > _overflow_limit(xp, sdt, d_t), big, xp.ones_like(big))
-    a = a / c
-    inv = 1.0 / (damping / c / c + xp.sum(a * a, axis=-1, keepdims=True))
-    inv = xp.reshape(inv, ()) if mean.ndim == 1 else inv
+    a, inv = _delegate.memo_factor(xp, mean, damping, sdt, lambda: _mac_factor(xp, mean, damping, sdt))
     # rows scaled from the left: 1/λ (inverse scale) and diag(1/(ẑ + λ)) (SMAC)
     row_scale = None if scale == "reference" else 1.0 / damping
     if grad_diag is not None:
@@ -323,6 +315,20 @@ def mac_apply(
     elif outs is not None:
         w, b = outs
     return w if grad_bias is None else (w, b)
+
+
+def _mac_factor(xp: Any, mean: Array, damping: Any, sdt: Any) -> tuple[Array, Array]:
+    """``(a, 1/(λ/c² + aᵀa))`` with ``a = â/c`` per factor (0-d for one factor, ``[H, 1]`` per head).
+
+    âᵀâ would overflow for ‖â‖ ≳ sqrt(max float) (float32: 1.8e19); a factor that large is divided
+    by c = max|â| first: (G â) âᵀ / (λ + âᵀâ) = (G â/c)(â/c)ᵀ / (λ/c² + (â/c)ᵀ(â/c)). Otherwise
+    c = 1 and the result is bit-identical to the plain 1/(λ + âᵀâ)."""
+    a = to_stats(xp, mean, sdt)
+    big = xp.max(xp.abs(a), axis=-1, keepdims=True)
+    c = xp.where(big > _overflow_limit(xp, sdt, a.shape[-1]), big, xp.ones_like(big))
+    a = a / c
+    inv = 1.0 / (damping / c / c + xp.sum(a * a, axis=-1, keepdims=True))
+    return a, (xp.reshape(inv, ()) if mean.ndim == 1 else inv)
 
 
 def _overflow_limit(xp: Any, dtype: Any, d: int) -> float:

@@ -272,13 +272,13 @@ def test_float64_retry_of_a_failed_eigh_in_exact_mode(monkeypatch):
 
 
 def test_inverse_beyond_float32_and_failures_in_both_precisions_raise():
-    # the damped inverse exists in float64 but 1/1e-45 overflows float32
+    # a damping below float32's normal range would round away (1/1e-45 overflows float32): it is
+    # refused up front, naming the dtype, instead of failing inside the inversion
     M = NPX.asarray(np.zeros((3, 3), dtype=np.float32))
-    with np.errstate(over="ignore"), pytest.raises(
-        maccore.DecompositionError,
-        match=r"inverse of A of shape \[3, 3\].*exists in float64 but overflows float32",
-    ):
+    with pytest.raises(ValueError, match=r"damped_inverse: damping 1e-45 is below the smallest normal float32"):
         maccore.damped_inverse(M, 1e-45, name="A")
+    inv64 = maccore.damped_inverse(NPX.asarray(np.zeros((3, 3))), 1e-45, name="A")  # fine in float64
+    assert np.all(np.isfinite(np.asarray(inv64)))
     bad = NPX.asarray(np.full((3, 3), np.nan, dtype=np.float32))
     with pytest.raises(maccore.DecompositionError, match=r"could not invert G.*also failed in float64"):
         maccore.damped_inverse(bad, 0.1, name="G")

@@ -376,3 +376,29 @@ def test_core_factories_accept_the_adapters_keywords():
         mc.mac(decay=0.5, stat_decay=0.9)
     with pytest.raises(TypeError, match="not both"):
         mc.kfac(mode="exact", damping_mode="pi")
+
+
+def test_kfac_unobserved_layer_identity_for_every_mode():
+    g = np.random.default_rng(13).standard_normal((3, 5))
+    for mode in ("tikhonov", "pi", "exact"):
+        method = engine.kfac_method(damping_mode=mode, damping=0.3)
+        st = method.refresh(LIN, method.init(LIN, xp=np, dtype=np.float64))
+        np.testing.assert_array_equal(method.apply(LIN, st, g), g)
+
+
+def test_torch_mac_factor_memo_follows_in_place_writes():
+    torch = pytest.importorskip("torch")
+    from maccore import _delegate
+
+    rng = np.random.default_rng(14)
+    g = torch.tensor(rng.standard_normal((4, 6)))
+    a = torch.tensor(rng.standard_normal(6))
+    first = mc.mac_apply(g, a, 0.5)
+    assert torch.equal(mc.mac_apply(g, a, 0.5), first)  # served from the memo
+    with torch.no_grad():
+        a.mul_(3.0)  # an in-place write bumps the version: the memo must not serve the old factor
+    want = mc.mac_apply(g.numpy(), a.numpy(), 0.5)
+    np.testing.assert_allclose(mc.mac_apply(g, a, 0.5).numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mc.mac_apply(g, a, 2.0).numpy(), mc.mac_apply(g.numpy(), a.numpy(), 2.0),
+                               rtol=1e-12, atol=1e-12)  # another damping: recomputed
+    assert len(_delegate._FACTORS) <= 256
