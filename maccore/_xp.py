@@ -58,6 +58,18 @@ def namespace(
         for name, arr in arrays.items():
             if arr is None and name not in optional:
                 raise TypeError(f"{_where(where)}argument {name!r} must be an array, got None")
+    vals = [v for v in arrays.values() if v is not None]
+    if vals:  # fast path: arrays of one known type on one device (the per-step case)
+        t = type(vals[0])
+        xp = _NAMESPACE.get(t)
+        if xp is not None and all(type(v) is t for v in vals):
+            if len(vals) == 1:
+                return xp
+            get = _DEVICE.get(t)
+            if get is not None:
+                d0 = get(vals[0])
+                if all(get(v) == d0 for v in vals[1:]):
+                    return xp
     named = {k: v for k, v in arrays.items() if v is not None}
     spaces = {}
     for name, arr in named.items():
