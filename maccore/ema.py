@@ -1,10 +1,10 @@
 """The one exponential-moving-average primitive shared by MAC, KFAC and SINGD.
 
 Convention (as optax's ``ema``): ``value = decay * value + (1 - decay) * x``; ``count`` counts EMA
-*updates* (not optimizer steps, MATH.md T9). The debiased estimate is
+*updates* (not optimizer steps, docs/math.md T9). The debiased estimate is
 ``value / (1 - decay**count)``. The total weight ``1 - decay**count`` is accumulated alongside the
 value (``weight = decay * weight + (1 - decay) * 1``) with exactly the arithmetic of the value, so an
-entry that is constant across updates debiases to that constant bit-for-bit (MATH.md M-P5: the bias
+entry that is constant across updates debiases to that constant bit-for-bit (docs/math.md M-P5: the bias
 entry of â is exactly 1). States without a ``weight`` fall back to the power, computed in the
 value's dtype (at least float32) so it cannot round to 1 in low precision.
 """

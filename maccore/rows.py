@@ -1,6 +1,6 @@
 """Canonical rows: layer inputs and output gradients as the matrices every method consumes.
 
-Formats (MATH.md §0, §7; row-major everywhere):
+Formats (docs/math.md; row-major everywhere):
 
 - ``rows``: ``[R, d̃]`` input rows x̃ = [x, 1]; the bias entry (exactly 1) is the LAST column and is
   present only when the layer has a bias (d̃ = d_in + 1), else d̃ = d_in.
@@ -9,7 +9,7 @@ Formats (MATH.md §0, §7; row-major everywhere):
   ``[C_out, C_in·kh·kw]`` in (c, i, j) order with j fastest, which is the patch order of
   :func:`conv2d_rows`.
 
-Expand vs reduce (MATH.md §1.6): *expand* makes one row per application of the shared weight
+Expand vs reduce (docs/math.md): *expand* makes one row per application of the shared weight
 (token, patch); *reduce* makes one row per sample: inputs are AVERAGED over the shared axes,
 output gradients SUMMED over them (T17).
 """
@@ -56,7 +56,7 @@ __all__ = [
 
 
 class KFACType(str, enum.Enum):
-    """How weight sharing is handled (MATH.md §1.6)."""
+    """How weight sharing is handled (docs/math.md)."""
 
     EXPAND = "expand"
     REDUCE = "reduce"
@@ -168,7 +168,7 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class QkvSpec:
-    """A fused qkv projection: output layout (3, H, d_h) along the output features (MATH.md §3.5)."""
+    """A fused qkv projection: output layout (3, H, d_h) along the output features (docs/math.md)."""
 
     num_heads: int
     mode: str = "reference"  # "reference" | "per_head" | "off"
@@ -308,7 +308,7 @@ def conv2d_rows(
     reduce: bool = False,
     groups: int = 1,
 ) -> Array:
-    """im2col rows of a Conv2d input (NCHW), zero padding included (MATH.md §1.7, T6).
+    """im2col rows of a Conv2d input (NCHW), zero padding included (docs/math.md, T6).
 
     Each row is one output location's receptive field flattened in (c, i, j) order, j fastest,
     matching ``weight.reshape(C_out, -1)``. ``groups == C_in`` (depthwise): every (n, c, p) is a row

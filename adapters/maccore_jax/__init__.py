@@ -38,6 +38,7 @@ from maccore_jax.singd import scale_by_singd, singd
 from maccore_jax.portable import load_portable, save_portable
 from maccore_jax.specs import QKV, Conv, Dense, Layer
 from maccore_jax.transform import CurvatureState, scale_by_curvature, skip_nonfinite
+from maccore_jax import testing  # noqa: F401,E402  (maccore_jax.testing.curvature_blocks)
 
 __all__ = [
     "Conv",

@@ -162,8 +162,9 @@ def scale_by_singd(
     ``update`` needs ``activations=`` and ``output_grads=``.
 
     Args:
-        damping, alpha1, structures, kfac_like, normalize_lr_cov, preconditioner_dtype
-            (``(dtype_K, dtype_C)``, e.g. ``jnp.bfloat16``): as :func:`maccore.singd` (MATH.md §5).
+        damping, alpha1, structures, kfac_like, normalize_lr_cov, preconditioner_dtype: as
+            :func:`maccore.singd` (``preconditioner_dtype`` is a pair ``(dtype_K, dtype_C)``, e.g.
+            ``jnp.bfloat16``).
         T: statistics and preconditioner update every ``T`` steps.
         lr_cov: β1, a number or a schedule of the step count (evaluated at the step of the update,
             as ``maccore_torch.SINGD``).

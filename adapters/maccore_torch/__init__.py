@@ -24,6 +24,7 @@ from maccore_torch.optimizer import CurvatureOptimizer
 from maccore_torch.portable import load_portable, save_portable
 from maccore_torch.singd import SINGD, SINGDPreconditioner
 from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec
+from maccore_torch import testing  # noqa: F401,E402  (maccore_torch.testing.curvature_blocks)
 
 QKV = QkvSpec
 

@@ -1,4 +1,4 @@
-"""SINGD structure classes (MATH.md §5.5) and a name registry.
+"""SINGD structure classes (docs/math.md) and a name registry.
 
 Every class is an immutable ``NamedTuple`` of its parameter arrays (a JAX pytree for free; memory
 proportional to the parameter count) with

@@ -1,4 +1,4 @@
-"""Shared machinery of the SINGD structure classes (MATH.md §5.5).
+"""Shared machinery of the SINGD structure classes (docs/math.md).
 
 Every structure is a ``NamedTuple`` whose fields are *only* its parameter arrays, so a structure is a
 pytree in JAX for free (and pickles), and every piece of metadata (dimension, block size, hierarchy

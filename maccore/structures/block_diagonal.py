@@ -1,4 +1,4 @@
-"""Block-diagonal structure (MATH.md §5.5 ``block30diagonal`` generalised to any block size).
+"""Block-diagonal structure (docs/math.md ``block30diagonal`` generalised to any block size).
 
 ``d = nb·b + r`` with ``nb = d // b`` full ``b × b`` blocks followed by one trailing ``r × r`` block
 (``r = d mod b``, possibly empty). ``Π(S)`` keeps the diagonal blocks of ``S``.

@@ -1,4 +1,4 @@
-"""Hierarchical structure (MATH.md §5.5 ``hierarchical15_15`` generalised to any ``k1, k2``).
+"""Hierarchical structure (docs/math.md ``hierarchical15_15`` generalised to any ``k1, k2``).
 
 The represented matrix, with row/column blocks of sizes ``K1, dc, K2``::
 
@@ -105,7 +105,7 @@ class Hierarchical(StructureOps, _HierarchicalFields):
 
     @classmethod
     def from_dense(cls, S: Array, *, k1: int, k2: int) -> Hierarchical:
-        """``Π(S)`` of MATH.md §5.5."""
+        """``Π(S)`` of docs/math.md"""
         xp, d = check_square(S, "S", "Hierarchical.from_dense")
         K1, dc, _ = hierarchical_sizes(d, k1, k2)
         j = K1 + dc

@@ -1,4 +1,4 @@
-"""Triangular Toeplitz structures (MATH.md §5.5 ``triltoeplitz`` / ``triutoeplitz``).
+"""Triangular Toeplitz structures (docs/math.md ``triltoeplitz`` / ``triutoeplitz``).
 
 Both store ``δ = (δ_0, …, δ_{d-1})`` (``d`` parameters): the lower one has ``K[i, j] = δ_{i-j}``
 (``i ≥ j``; first column ``δ``), the upper one ``K[i, j] = δ_{j-i}`` (``j ≥ i``; first row ``δ``).

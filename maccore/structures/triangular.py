@@ -1,4 +1,4 @@
-"""Triangular structures with a diagonal block (MATH.md §5.5), ``2d - 1`` parameters each.
+"""Triangular structures with a diagonal block (docs/math.md), ``2d - 1`` parameters each.
 
 With the *hub* index ``h`` (``0`` for the ``*_bottom_right_diag`` classes, ``d - 1`` for the
 ``*_top_left_diag`` ones) and the other indices ``o``, each class stores ``corner = K[h, h]``,

@@ -51,10 +51,13 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "CheckResult",
+    "CheckInfo",
     "available_backends",
     "check_names",
+    "check_details",
     "run_checks",
     "format_table",
+    "format_details",
 ]
 
 #: Backend names understood by :func:`available_backends` (``torch`` covers CPU and CUDA).
@@ -233,6 +236,88 @@ def _check(name: str, *, negative: bool = False, doc: str = ""):
 def check_names() -> list[tuple[str, str]]:
     """``(name, one-line description)`` of every check, in run order."""
     return [(n, d) for n, _, _, d in _CHECKS]
+
+
+@dataclass(frozen=True)
+class CheckInfo:
+    """What a check compares: the propositions it tests (labels of ``docs/math.md``), the problem
+    sizes it runs on and the oracle it compares with."""
+
+    name: str
+    propositions: str
+    sizes: str
+    oracle: str
+
+
+_DEEP = "deep linear net 5→6→4→3 with biases, N=4 samples × S=3 tokens"
+_DETAILS = {
+    "kfac.exact.deep_linear_expand": (
+        "P-K2, P-K3", f"{_DEEP}; MSE sum and mean (R = 2, 2/36)",
+        "exact GGN blocks from explicit Jacobians (testing.ggn_block), blocks 36², 28², 15²"),
+    "kfac.exact.deep_linear_reduce": (
+        "P-K4", f"{_DEEP}, tokens pooled (sum, mean) before MSE sum / mean: 4 settings",
+        "exact GGN blocks (testing.ggn_block)"),
+    "kfac.exact.single_datum": (
+        "P-K1", "one datum through a tanh MLP 5→6→4→3; CE and BCE (mean)",
+        "exact GGN and empirical-Fisher blocks (testing.ggn_block / ef_block)"),
+    "kfac.control.expand_in_reduce": (
+        "P-K4 (negative control)", f"{_DEEP}, mean pooling, MSE sum; layer 0 (36×36 block)",
+        "exact GGN block; must differ by > 1e-3"),
+    "kfac.apply.tikhonov": (
+        "P-K11a", "A 5×5, G 4×4, gradient 4×5; λ = 0.1 and the pair (λ_G, λ_A) = (0.3, 0.05)",
+        "LU solve with the dense 20×20 matrix (G+λ_G I)⊗(A+λ_A I)"),
+    "kfac.apply.pi": (
+        "P-K11b", "A 5×5 (trace scale 10), G 4×4 (scale 0.01), gradient 4×5; λ = 0.2",
+        "π from its definition + LU solve with the dense 20×20 damped matrix"),
+    "kfac.apply.exact": (
+        "P-K11c", "A 5×5, G 4×4, gradient 4×5; λ = 0.05",
+        "LU solve with the dense 20×20 matrix G⊗A + λI"),
+    "kfac.stateful.to_dense": (
+        "P-K11, T9", "rows 12×5, gradient rows 12×3, two EMA updates (β = 0.9), λ = 0.1, 3 modes",
+        "float64 EMA of the batch factors with explicit debiasing + dense 15×15 solve"),
+    "mac.rank1_vs_dense": (
+        "M-P1", "gradient 6×5, ā ∈ R⁵, λ ∈ {0.5, 3}, both scales; 3 heads × 2 rows; SMAC diagonal",
+        "λ(āāᵀ+λI)⁻¹ from its closed-form spectral decomposition (testing.mac_dense_preconditioner)"),
+    "mac.spectrum": (
+        "M-P2", "d̃ = 6, λ = 0.8, one row along ā and one orthogonal to it",
+        "the eigenvalues λ/(λ+‖ā‖²) and 1 in closed form"),
+    "mac.zero_mean_identity": ("M-P4", "gradient 4×7, ā = 0, λ = 1", "the identity"),
+    "mac.ema_bias_entry": (
+        "M-P5, M-P6", "3 batches of 7×4 inputs (+ bias), β = 0.9",
+        "explicit EMA weights (1−β)β^(k−i)/(1−β^k); bias entry exactly 1"),
+    "mac.attention": (
+        "M-P8", "B = 2, H = 3 heads, N = 4 tokens, d_h = 5; inputs 2×4×6; causal and not",
+        "NumPy softmax and the per-head weighted-mean definition"),
+    "rows.conv2d_im2col": (
+        "M-P9, T6", "x 2×3×7×6; kernels 3×3 and 2×3; strides, padding, dilation varied",
+        "a naive loop im2col and a direct convolution"),
+    "singd.structures": (
+        "S-T3", "6×6 symmetric matrix, X 6×3, every registered structure",
+        "closed-form projections Π and NumPy products"),
+    "agree.numpy": (
+        "M-P10", "rows of a 3×2×6×6 image batch and a 3×4×5 sequence, 4×6 gradient, 6×6 / 4×4 factors",
+        "NumPy's float64 result of the same core calls"),
+}
+
+
+def check_details() -> list[CheckInfo]:
+    """:class:`CheckInfo` of every check, in run order (what ``python -m maccore verify`` prints)."""
+    out = []
+    for name, doc in check_names():
+        props, sizes, oracle = _DETAILS.get(name, ("", "", doc))
+        out.append(CheckInfo(name, props, sizes, oracle))
+    return out
+
+
+def format_details(infos: Sequence[CheckInfo] | None = None) -> str:
+    """One paragraph per check: propositions (``docs/math.md``), problem sizes, oracle."""
+    infos = check_details() if infos is None else infos
+    lines = []
+    for info in infos:
+        lines.append(f"{info.name}  [{info.propositions}]" if info.propositions else info.name)
+        lines.append(f"    sizes:  {info.sizes}")
+        lines.append(f"    oracle: {info.oracle}")
+    return "\n".join(lines)
 
 
 def _deep_linear(rng, *, n=4, s=3, d=5, widths=(6, 4, 3), bias=True):

@@ -1,4 +1,4 @@
-"""The EMA primitive (MATH.md §1.8, §3.2, M-P5, M-P6, T9; STYLE.md P5)."""
+"""The EMA primitive (docs/math.md, M-P5, M-P6, T9)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Exact KFAC: factors, π-damping, damped inverses, kfac_apply, the stateful preconditioner
-(MATH.md §1.4, §1.5, §1.8, T1, T2, T11, T16). Exactness against the GGN is in test_exactness.py."""
+(docs/math.md, T1, T2, T11, T16). Exactness against the GGN is in test_exactness.py."""
 
 from __future__ import annotations
 

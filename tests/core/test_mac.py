@@ -1,5 +1,5 @@
 """MAC: rank-1 damped inverse, statistics, attention V-branch, SMAC, the stateful preconditioner
-(MATH.md §3, M-P1…M-P10, T5, T7, T10, T19)."""
+(docs/math.md, M-P1…M-P10, T5, T7, T10, T19)."""
 
 from __future__ import annotations
 

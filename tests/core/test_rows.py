@@ -1,4 +1,4 @@
-"""Canonical rows: linear/conv2d input rows, gradient rows, gradient matrices (MATH.md §0, §1.6,
+"""Canonical rows: linear/conv2d input rows, gradient rows, gradient matrices (docs/math.md,
 §1.7, T5, T6, T17; M-P9, M-P10)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SINGD core (MATH.md §5, tests S-T1, S-T2, S-T4, S-T5, S-T6) against NumPy float64 oracles.
+"""SINGD core (docs/math.md, tests S-T1, S-T2, S-T4, S-T5, S-T6) against NumPy float64 oracles.
 
 The dense reference ``ref_singd`` below is an independent transcription of §5.1/§5.2 with dense
 matrices and the support-mask projection oracle of ``test_structures.project``.
@@ -34,7 +34,7 @@ def oracle_spec(name: str) -> tuple[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------
-# NumPy float64 reference (MATH.md §5.1-5.3, dense matrices)
+# NumPy float64 reference (docs/math.md, dense matrices)
 
 
 def avgtr(X: np.ndarray) -> float:
@@ -214,7 +214,7 @@ def test_matches_dense_reference(xp, dtype, sK, sC, alpha1, kfac_like, normalize
 
 
 # ------------------------------------------------------------------------------------------------
-# S-T1: IKFAC first-order theorem (MATH.md §5.6)
+# S-T1: IKFAC first-order theorem (docs/math.md)
 
 
 def _spd(rng, d, lo=0.5, hi=2.0):
@@ -332,7 +332,7 @@ def test_diagonal_kfac_like_limit(xp, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# S-T5: H_K, H_C scaling against the canonical A, G of MATH.md §1.4 / §1.6
+# S-T5: H_K, H_C scaling against the canonical A, G of docs/math.md
 
 
 @pytest.mark.parametrize("setting", ["expand", "reduce"])

@@ -1,4 +1,4 @@
-"""SINGD structures (MATH.md §5.5, tests S-T3) against independent NumPy float64 oracles.
+"""SINGD structures (docs/math.md, tests S-T3) against independent NumPy float64 oracles.
 
 The oracle of every class is its *support mask* (which entries may be non-zero, written from the
 index rules of the table in §5.5) plus, for Toeplitz classes, the tie classes (diagonals). The
@@ -86,7 +86,7 @@ def is_toeplitz(name: str) -> bool:
 
 
 def project(name: str, opts: dict, S: np.ndarray) -> np.ndarray:
-    """Π(S) by the rule of MATH.md §5.5 (dense float64)."""
+    """Π(S) by the rule of docs/math.md (dense float64)."""
     d = S.shape[0]
     m = support(name, opts, d)
     P = np.where(m & m.T, S, np.where(m, S + S.T, 0.0))
