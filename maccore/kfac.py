@@ -1,4 +1,4 @@
-"""Exact KFAC, the verification reference (MATH.md §1.4–1.6, canonical split).
+"""Exact KFAC, the verification reference (docs/math.md; canonical split).
 
     A = E_rows[x̃ x̃ᵀ]                 (plain mean; independent of N and loss reduction)
     G = (1/R) Σ_rows gᵃ gᵃᵀ            (autograd gradients of L = R·Σ terms; R explicit)
@@ -68,7 +68,7 @@ def input_factor(rows: Array) -> Array:
 
 
 def gradient_factor(grad_rows: Array, *, reduction_factor: float) -> Array:
-    """G = (1/R) Σ_rows g gᵀ for autograd gradients of L = R·Σ(terms) (MATH.md §1.2, §1.4, T2).
+    """G = (1/R) Σ_rows g gᵀ for autograd gradients of L = R·Σ(terms) (docs/math.md; T2).
 
     Examples: mean-reduced CE over N samples → R = 1/N; summed MSE → R = 2. For type-II vectors that
     already carry √R, pass ``reduction_factor=1``.
@@ -93,7 +93,7 @@ def _check_factor(m: Array, name: str, where: str) -> None:
 
 
 def pi_dampings(A: Array, G: Array, damping: Any) -> tuple[Array, Array]:
-    """(λ_A, λ_G) of factored Tikhonov (π-) damping with λ_A·λ_G = λ (MATH.md §1.5, T16)."""
+    """(λ_A, λ_G) of factored Tikhonov (π-) damping with λ_A·λ_G = λ (docs/math.md; T16)."""
     xp = namespace(A=A, G=G, where="pi_dampings", optional=())
     _check_factor(A, "A", "pi_dampings")
     _check_factor(G, "G", "pi_dampings")

@@ -1,4 +1,4 @@
-"""MAC: mean-activation rank-1 input factor with damped Sherman–Morrison inverse (MATH.md §3).
+"""MAC: mean-activation rank-1 input factor with damped Sherman–Morrison inverse (docs/math.md).
 
 Row-major: the MAC curvature of a layer is ``F = I_{d_out} ⊗ (āāᵀ + λI)`` and its inverse is applied
 in rank-1 form, never forming a d̃×d̃ matrix (T19):
@@ -68,7 +68,7 @@ def gradient_diagonal(grad_rows: Array, *, reduction_factor: float | None = None
     """Diagonal gradient factor ``z`` for SMAC from output-gradient rows ``[R, d_out]``.
 
     ``reduction_factor=None``: ``E_rows[g ⊙ g]`` (the published SMAC statistic); otherwise the
-    canonical ``diag(G) = (1/R) Σ_rows g ⊙ g`` (MATH.md §3.7 remark (i)).
+    canonical ``diag(G) = (1/R) Σ_rows g ⊙ g`` (docs/math.md, SMAC remark).
     """
     xp = namespace(grad_rows=grad_rows, where="gradient_diagonal", optional=())
     check_floating(xp, grad_rows, "grad_rows", "gradient_diagonal", integer_ok=True)
@@ -165,7 +165,7 @@ def split_qkv(out: Array, num_heads: int) -> tuple[Array, Array, Array]:
 
 
 def attention_weighted_mean(x: Array, attn: Array, *, bias: bool, mode: str = "reference") -> Array:
-    """Mean input of the value path of a fused qkv projection (MATH.md §3.5).
+    """Mean input of the value path of a fused qkv projection (docs/math.md).
 
     Args:
         x: ``[B, N, d_in]`` input of the qkv projection.

@@ -1,12 +1,12 @@
-"""SINGD / IKFAC per-layer preconditioner (MATH.md §5), backend-neutral.
+"""SINGD / IKFAC per-layer preconditioner (docs/math.md), backend-neutral.
 
 State: structured factors ``K`` (input side, ``d̃ × d̃``) and ``C`` (output side, ``d_out × d_out``)
 of a structure class (``maccore.structures``), initialised to ``I``, and their Riemannian momenta
 ``m_K``, ``m_C`` (``None`` when ``alpha1 = 0``). The preconditioned gradient is
 
-    apply(state, ∇W̃) = C Cᵀ ∇W̃ K Kᵀ                                           (MATH.md §5.3)
+    apply(state, ∇W̃) = C Cᵀ ∇W̃ K Kᵀ                                           (docs/math.md)
 
-Statistics (MATH.md §5.1). ``rows`` are the canonical input rows ``x̃`` ``[R, d̃]`` (bias column of ones
+Statistics (docs/math.md). ``rows`` are the canonical input rows ``x̃`` ``[R, d̃]`` (bias column of ones
 last); ``grad_rows`` are the autograd output-gradient rows ``g`` ``[R', d_out]`` of a loss
 ``L = reduction_factor · Σ terms``. They are rescaled so that ``aᵀa = A = E_r[x̃x̃ᵀ]`` and
 ``gᵀg = G = (1/reduction_factor) Σ g gᵀ`` (the canonical factors of §1.4/§1.6), and
@@ -15,7 +15,7 @@ last); ``grad_rows`` are the autograd output-gradient rows ``g`` ``[R', d_out]``
 
 are computed structure-wise without forming ``A`` or ``G``.
 
-Update (MATH.md §5.2; ``s = ½``, or ``½(1 - α1)`` with ``normalize_lr_cov``; ``u`` the grad-scale
+Update (docs/math.md; ``s = ½``, or ``½(1 - α1)`` with ``normalize_lr_cov``; ``u`` the grad-scale
 correction; ``λ`` the damping; ``avgtr(X) = tr(X)/dim``):
 
 - INGD / SINGD (``kfac_like=False``)::
@@ -155,7 +155,7 @@ def singd_statistics(
         rows: canonical input rows ``[R, d̃]`` (bias column of ones last); ``A = E_r[x̃x̃ᵀ]``.
         grad_rows: autograd output-gradient rows ``[R', d_out]`` of a loss
             ``L = reduction_factor · Σ terms``; ``G = (1/reduction_factor) Σ g gᵀ``.
-        reduction_factor: the ``R`` of MATH.md §1.2 (``1`` for sum losses, ``1/#terms`` for means).
+        reduction_factor: the ``R`` of docs/math.md (``1`` for sum losses, ``1/#terms`` for means).
 
     With gradient accumulation, sum the returned statistics (``H + H'``) over micro-batches and pass
     them to ``update(..., statistics=(H_K, H_C))``.
@@ -211,7 +211,7 @@ def singd(
     normalize_lr_cov: bool = False,
     preconditioner_dtype: tuple[Any, Any] = (None, None),
 ) -> Preconditioner:
-    """SINGD preconditioner (MATH.md §5) as ``init/update/refresh/apply/to_dense`` pure functions.
+    """SINGD preconditioner (docs/math.md) as ``init/update/refresh/apply/to_dense`` pure functions.
 
     Args:
         structures: ``(structure_K, structure_C)``, each a name of :func:`maccore.structures.get`

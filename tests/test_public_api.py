@@ -1,4 +1,4 @@
-"""The public surface: every name in ``__all__`` exists and is documented (API.md)."""
+"""The public surface: every name in ``__all__`` exists and is documented (the public API contract)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 import maccore
 
-# the names API.md promises at the top level
+# the names the public API promises at the top level
 PROMISED = {
     "linear_rows", "conv2d_rows", "conv2d_mean_patch", "grad_rows", "conv2d_grad_rows", "grad_matrix",
     "split_grad_matrix", "mean_activation", "attention_probs", "attention_weighted_mean", "mac_apply",
@@ -38,7 +38,7 @@ def test_all_is_sorted_unique_and_complete():
     assert len(names) == len(set(names)), "duplicates in maccore.__all__"
     assert list(names) == sorted(names), "maccore.__all__ is not sorted"
     missing = PROMISED - set(names)
-    assert not missing, f"API.md names missing from maccore.__all__: {sorted(missing)}"
+    assert not missing, f"public names missing from maccore.__all__: {sorted(missing)}"
     assert isinstance(maccore.__version__, str) and maccore.__version__
     assert maccore.__doc__ and maccore.__doc__.strip()
 
@@ -69,7 +69,7 @@ def test_submodule_names_reexported():
 
 
 def test_verify_is_the_former_name_of_testing():
-    """``maccore.verify`` (API.md) keeps working: the same objects as :mod:`maccore.testing`."""
+    """``maccore.verify`` (the public API contract) keeps working: the same objects as :mod:`maccore.testing`."""
     testing = importlib.import_module("maccore.testing")
     verify = importlib.import_module("maccore.verify")
     assert list(verify.__all__) == list(testing.__all__)

@@ -2,7 +2,7 @@
 
 The published ResNet / ViT runs precondition the first layer with the full damped inverse of its
 input second moment, ``(A + λI)⁻¹`` with ``A`` the mean over some batches of
-``maccore.input_factor(rows)`` (MATH.md §3.4), fixed once before training — what
+``maccore.input_factor(rows)`` (docs/math.md), fixed once before training — what
 ``maccore_torch.MAC.fit_first_layer`` does. Here the inverse is stored in that layer's
 :class:`maccore.MacState` (``first_inv``, :func:`maccore.engine.with_first_layer`) inside the
 optax state, and ``apply`` multiplies by it from then on; nothing else changes.

@@ -126,12 +126,12 @@ def scale_by_kfac(
 
     Args:
         damping_mode: ``"tikhonov"`` (damping λ or a pair (λ_G, λ_A)), ``"pi"`` or ``"exact"``.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (MATH.md §1.6).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (docs/math.md).
         loss_average: the loss the output gradients come from (as ``maccore_torch.KFAC``):
             ``"batch"`` (default; averaged over the N samples of the batch: R = 1/N),
             ``"batch+sequence"`` (also over the shared axes: R = 1/(N·S), conv 1/(N·OH·OW)) or
             ``None`` (summed: R = 1).
-        reduction_factor: R of the loss L = R·Σ terms (MATH.md §1.2), overriding ``loss_average``;
+        reduction_factor: R of the loss L = R·Σ terms (docs/math.md), overriding ``loss_average``;
             ``update(..., reduction_factor=R)`` overrides both for one update.
         Others as :func:`scale_by_mac`.
     """
@@ -192,7 +192,7 @@ class MomentumState(NamedTuple):
 
 
 def momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.GradientTransformation:
-    """Heavy ball b ← μb + d (b₀ = 0), direction b; Nesterov (MATH.md §3.6, nanoGPT's
+    """Heavy ball b ← μb + d (b₀ = 0), direction b; Nesterov (docs/math.md; nanoGPT's
     ``nag_step``): direction d at the first step, d + μb afterwards."""
 
     def init_fn(params):
@@ -277,7 +277,7 @@ weight_decay_mode="decoupled", weight_decay_mask=None, on_nonfinite="skip", **sc
 keywords)``. ``learning_rate`` may be a schedule.
 
 - ``weight_decay_mode="decoupled"`` (default, the optax convention): b ← μb + ĝ,
-  p ← (1 − η·wd)p − ηb; ``"coupled"`` (``maccore_torch.MAC``'s default, MATH.md §3.6): d = ĝ + wd·p
+  p ← (1 − η·wd)p − ηb; ``"coupled"`` (``maccore_torch.MAC``'s default, docs/math.md): d = ĝ + wd·p
   after preconditioning, b ← μb + d, p ← p − ηb. ``nesterov``: direction d at the first step,
   d + μb afterwards. ``weight_decay_mask``: as ``optax.add_decayed_weights``.
 - ``on_nonfinite="skip"`` (default) skips a step with NaN/Inf gradients, statistics or updates

@@ -1,8 +1,8 @@
-"""SINGD / IKFAC (MATH.md §5) as optax transformations: :func:`scale_by_singd` (the preconditioner
+"""SINGD / IKFAC (docs/math.md) as optax transformations: :func:`scale_by_singd` (the preconditioner
 ``C Cᵀ ∇W̃ K Kᵀ`` per layer, the core's :func:`maccore.singd_method` driven by
 :func:`maccore_jax.scale_by_curvature`) and :func:`singd` (the full optimizer of the published
 ``singd`` package: weight decay added AFTER preconditioning, heavy-ball momentum, learning rate;
-``d = ĝ + γ W``, ``b ← α2 b + d``, ``W ← W − β2 b``; MATH.md §5.3).
+``d = ĝ + γ W``, ``b ← α2 b + d``, ``W ← W − β2 b``; docs/math.md).
 
 ``tx.update(grads, state, params, activations=acts, output_grads=gouts)``: on steps with
 ``count % T == 0`` the layer inputs and output gradients give ``H_K = Π_K(Kᵀ A K)`` and

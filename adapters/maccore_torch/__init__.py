@@ -1,6 +1,6 @@
 """maccore_torch: thin PyTorch adapter over the backend-neutral ``maccore`` core.
 
-- :class:`MAC` / :class:`MACPreconditioner` — MAC and SMAC (MATH.md §3), reference-exact.
+- :class:`MAC` / :class:`MACPreconditioner` — MAC and SMAC (docs/math.md), reference-exact.
 - :class:`KFAC` / :class:`KFACPreconditioner` — exact KFAC with canonical factor scaling (§1).
 - :func:`layer_spec` — the type registry (``functools.singledispatch``) deciding which modules are
   preconditioned; :data:`QKV` (= :class:`maccore.QkvSpec`) declares fused qkv projections.

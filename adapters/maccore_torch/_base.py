@@ -8,7 +8,7 @@ everything is finite (:mod:`maccore_torch.numerics`), fold them (``update``), re
 (``refresh``) and rewrite ``.grad`` with :func:`maccore.engine.apply_split` (in place). A method
 subclass only builds its ``CurvatureMethod`` and describes its layers; all maths is in the core.
 
-Schedule (MATH.md §3.2, :func:`maccore.engine.schedule`): with ``t`` the number of completed
+Schedule (docs/math.md; :func:`maccore.engine.schedule`): with ``t`` the number of completed
 optimizer steps, statistics are collected during the forward/backward passes of steps with
 ``t % t_cov == 0`` — only by modules in training mode with grad enabled — and folded as ONE update
 in ``step()``; caches are refreshed when ``t % t_inv == 0``; at ``t = 0`` both happen.

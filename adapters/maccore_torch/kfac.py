@@ -1,4 +1,4 @@
-"""Exact KFAC for PyTorch driving :func:`maccore.engine.kfac_method` (MATH.md §1.4–1.8, canonical
+"""Exact KFAC for PyTorch driving :func:`maccore.engine.kfac_method` (docs/math.md; canonical
 split).
 
 Statistics per collecting step: A = E_rows[x̃x̃ᵀ] from forward hooks (rows pooled over all forwards
@@ -46,7 +46,7 @@ class KFACPreconditioner(HookedPreconditioner):
         stat_decay: EMA decay of A and G. damping: λ (a ``(λ_G, λ_A)`` pair in tikhonov mode).
         t_cov / t_inv: statistics / inversion periods.
         kfac_approx: ``"expand"`` or ``"reduce"``. damping_mode: ``"tikhonov"``, ``"pi"``,
-            ``"exact"`` (MATH.md §1.5).
+            ``"exact"`` (docs/math.md).
         loss_average / reduction_factor: the loss reduction (module docstring).
         params, skip_layers, grad_scaler, on_nonfinite, process_group: as
             :class:`maccore_torch.MACPreconditioner` (``grad_scaler``: G is divided by the squared

@@ -1,5 +1,5 @@
 """MAC / SMAC for PyTorch: :class:`MACPreconditioner` (rewrites ``.grad``) and :class:`MAC`
-(a ``torch.optim.Optimizer``), reproducing MATH.md §3.2–3.7 by driving
+(a ``torch.optim.Optimizer``), reproducing docs/math.md by driving
 :func:`maccore.engine.mac_method`.
 
 Per layer the engine takes the batch mean activation ā from the captured input (Linear: mean of
@@ -103,7 +103,7 @@ class MACPreconditioner(HookedPreconditioner):
         """Fix the first layer's preconditioner to the full damped inverse ``(A + λI)⁻¹``.
 
         ``A`` is the mean over ``batches`` of the per-batch second moments E_rows[x̃x̃ᵀ] of the
-        layer's input (MATH.md §3.4). ``batches`` yields model inputs or ``(input, target, ...)``
+        layer's input (docs/math.md). ``batches`` yields model inputs or ``(input, target, ...)``
         tuples; the model runs under ``no_grad`` only up to the layer. ``layer``: its name (default:
         the first supported Linear/Conv2d layer). The inverse is kept in the layer's state
         (``MacState.first_inv``) and never refreshed; the layer's forward hook is removed (kept for
@@ -143,7 +143,7 @@ class MACPreconditioner(HookedPreconditioner):
 
 
 class MAC(CurvatureOptimizer):
-    """MAC as a ``torch.optim.Optimizer`` (MATH.md §3.2–3.6; defaults of the published code).
+    """MAC as a ``torch.optim.Optimizer`` (docs/math.md; defaults of the published code).
 
     Preconditioned layers get ĝ = MAC(∇); every parameter in the param groups then gets the
     momentum update of :class:`maccore_torch._base.CurvatureOptimizer` (``weight_decay_mode``

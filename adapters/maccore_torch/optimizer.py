@@ -2,7 +2,7 @@
 
 :class:`CurvatureOptimizer` owns a :class:`maccore_torch.HookedPreconditioner`; ``step()`` lets
 it precondition ``.grad`` (skipping the whole step when it reports non-finite values) and then
-applies the update of MATH.md §3.6 with ``torch._foreach_*`` ops, per param group.
+applies the update of docs/math.md with ``torch._foreach_*`` ops, per param group.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` = a :class:`maccore_torch.HookedPreconditioner` + momentum and weight decay.
 
     Per parameter (preconditioned or not), with ĝ its (preconditioned) gradient, per param group:
-    ``"coupled"`` (MATH.md §3.6 CIFAR): d = ĝ + wd·p, b = μb + d, p ← p − ηb;
+    ``"coupled"`` (docs/math.md CIFAR): d = ĝ + wd·p, b = μb + d, p ← p − ηb;
     ``"decoupled"``: b = μb + ĝ, p ← (1 − η·wd)p − ηb;
     ``nesterov=True`` (nanoGPT ``nag_step``): first step b = ĝ', d = ĝ'; later b = μb + ĝ',
     d = ĝ' + μb, then the weight-decay rule above (ĝ' = ĝ + wd·p when coupled).

@@ -1,4 +1,4 @@
-"""SINGD / IKFAC for PyTorch driving :func:`maccore.engine.singd_method` (MATH.md §5).
+"""SINGD / IKFAC for PyTorch driving :func:`maccore.engine.singd_method` (docs/math.md).
 
 Arguments and their meaning follow the published ``singd`` package (``SINGD(model, lr=…, momentum=…,
 damping=…, alpha1=…, weight_decay=…, T=…, loss_average=…, lr_cov=…, structures=…, kfac_approx=…,
@@ -19,10 +19,10 @@ Per collecting step (``t % T == 0``, ``t`` = completed optimizer steps):
   (default) means ``R_loss = 1/N`` (``N`` samples seen by the layer in the step),
   ``"batch+sequence"`` ``1/(N·S)`` (Conv2d: ``1/(N·OH·OW)``), ``None`` a summed loss (``R = 1``);
   ``reduction_factor=`` overrides all of them;
-- ``step()`` calls the core ``update`` (momenta ``m_K``, ``m_C`` and factors ``K``, ``C``; MATH.md
+- ``step()`` calls the core ``update`` (momenta ``m_K``, ``m_C`` and factors ``K``, ``C``; docs/math.md
   §5.2) with ``lr_cov`` (a float, or a callable of the step count ``t``), then every step replaces the
   gradient by ``C Cᵀ ∇W̃ K Kᵀ``; :class:`SINGD` adds ``γ W`` (weight decay AFTER preconditioning),
-  ``b ← α2 b + d`` and ``W ← W − β2 b`` (MATH.md §5.3).
+  ``b ← α2 b + d`` and ``W ← W − β2 b`` (docs/math.md).
 
 Gradient accumulation: all forwards/backwards of a collecting step are pooled as one batch (row-
 weighted mean of ``H_K``; ``H_C`` summed and scaled by the total number of loss terms), so the usual
@@ -169,7 +169,7 @@ class SINGDPreconditioner(HookedPreconditioner):
 
 
 class SINGD(CurvatureOptimizer):
-    """SINGD (MATH.md §5) as a ``torch.optim.Optimizer`` with the ``singd`` package's arguments.
+    """SINGD (docs/math.md) as a ``torch.optim.Optimizer`` with the ``singd`` package's arguments.
 
     Update per parameter: ``d = ĝ + weight_decay·W`` (ĝ the preconditioned gradient; weight decay
     AFTER preconditioning), ``b ← momentum·b + d`` (b₀ = 0), ``W ← W − lr·b``. ``lr``, ``momentum``

@@ -225,7 +225,7 @@ def _filter_params(layers: list[Layer], param_ids: set[int] | None) -> list[Laye
 
 def _merge_tied(layers: list[Layer]) -> list[Layer]:
     """Modules sharing one weight become one Layer whose statistics pool the rows of all uses
-    (exact KFAC-expand for weight sharing, MATH.md P-K12)."""
+    (exact KFAC-expand for weight sharing, docs/math.md P-K12)."""
     by_weight: dict[int, Layer] = {}
     out = []
     for layer in layers:

@@ -1,5 +1,5 @@
 """maccore_torch.KFAC / KFACPreconditioner: factors == exact GGN blocks in the exact cases
-(MATH.md P-K2/P-K3/P-K4), adapter == core, loss-reduction scaling, accumulation, checkpoints."""
+(docs/math.md P-K2/P-K3/P-K4), adapter == core, loss-reduction scaling, accumulation, checkpoints."""
 
 from __future__ import annotations
 

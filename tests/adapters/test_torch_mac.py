@@ -1,5 +1,5 @@
 """maccore_torch.MAC / MACPreconditioner: adapter == core, and == an independent step-by-step
-reimplementation of MATH.md §3.2–3.6 (plain torch, dense P) over many steps."""
+reimplementation of docs/math.md (plain torch, dense P) over many steps."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _groups(model):
 
 def reference_mac(model, data, *, lr, momentum, stat_decay, damping, weight_decay, t_cov, t_inv,
                   mode, nesterov, lr_factor):
-    """MATH.md §3.2 + §3.6 written out with dense P matrices, independent of the adapter."""
+    """docs/math.md + §3.6 written out with dense P matrices, independent of the adapter."""
     layers = _supported(model)
     d_tilde = {id(l): rows_of(l, torch.zeros(1, 2, 4, 4, dtype=DT) if isinstance(l, nn.Conv2d)
                               else torch.zeros(1, l.in_features, dtype=DT)).shape[1] for l in layers}

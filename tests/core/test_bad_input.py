@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError whose message names the argument and the shapes (API.md)."""
+"""Bad input raises ValueError/TypeError whose message names the argument and the shapes (the public API contract)."""
 
 from __future__ import annotations
 
