@@ -499,6 +499,19 @@ def _check_loss(loss_average: Any, rf: Any, where: str) -> None:
         check_damping(rf, "reduction_factor", where, pair=False)
 
 
+def _finalize_loss_sums(pooled: Mapping[str, Stat], key: str, loss_average: str | None,
+                        rf: float | None) -> dict[str, tuple[Array, float]]:
+    """Finalize pooled statistics whose ``key`` entry is a sum over loss terms of autograd
+    gradients (KFAC's G, SINGD's H_C): divided by the loss's reduction factor R, weight 1 across
+    devices (every rank's G is already a per-loss statistic); the rest are row means."""
+    out = _mean_stats({k: s for k, s in pooled.items() if k != key})
+    if key in pooled:
+        s = pooled[key]
+        out[key] = (s.value / _reduction_factor(s.weight, loss_average=loss_average,
+                                                reduction_factor=rf), 1.0)
+    return out
+
+
 def _grad_rows_unscaled(spec: LayerSpec, g: Array, reduce: bool, grad_scale: Any) -> Array:
     rows = to_grad_rows(spec, g, reduce=reduce)
     return rows if grad_scale == 1.0 else rows / grad_scale
@@ -533,14 +546,8 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
                           loss_terms(spec, tuple(g.shape), loss_average), "sum")}
 
     def finalize(spec, state, pooled, *, reduction_factor=None):
-        out = _mean_stats({k: s for k, s in pooled.items() if k != "G"})
-        if "G" in pooled:
-            s = pooled["G"]
-            r = _reduction_factor(s.weight, loss_average=loss_average,
-                                  reduction_factor=rf_default if reduction_factor is None
-                                  else reduction_factor)
-            out["G"] = (s.value / r, 1.0)
-        return out
+        return _finalize_loss_sums(pooled, "G", loss_average,
+                                   rf_default if reduction_factor is None else reduction_factor)
 
     def keys(spec, state):
         return ("A", "G")
@@ -636,14 +643,8 @@ def singd_method(*, damping: float = 1e-3, alpha1: float = 0.5, lr_cov: Any = 1e
         return {"H_C": Stat(_flat(xp, H), loss_terms(spec, tuple(g.shape), loss_average), "sum")}
 
     def finalize(spec, state, pooled, *, reduction_factor=None):
-        out = _mean_stats({k: s for k, s in pooled.items() if k != "H_C"})
-        if "H_C" in pooled:
-            s = pooled["H_C"]
-            r = _reduction_factor(s.weight, loss_average=loss_average,
-                                  reduction_factor=rf_default if reduction_factor is None
-                                  else reduction_factor)
-            out["H_C"] = (s.value / r, 1.0)
-        return out
+        return _finalize_loss_sums(pooled, "H_C", loss_average,
+                                   rf_default if reduction_factor is None else reduction_factor)
 
     def keys(spec, state):
         return ("H_K", "H_C")
