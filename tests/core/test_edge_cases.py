@@ -142,3 +142,15 @@ def test_tiny_damping_fine_in_float64():
     g = np.ones((2, 3))
     out = mc.mac_apply(g, np.ones(3), 1e-46)
     assert np.all(np.isfinite(out))
+
+
+def test_mac_apply_overflow_guard_keeps_the_damping_exact():
+    """With â near the overflow limit and λ near the dtype's maximum, λ/c² is not negligible next to
+    ‖â/c‖²: the rescaled form must keep λ's exact weight (λ/c², not λ/c)."""
+    lim = math.sqrt(np.finfo(np.float64).max / 2) / 4
+    a = np.array([1.5 * lim, 1.2 * lim])
+    lam = 1e308
+    g = np.random.default_rng(3).standard_normal((3, 2))
+    out = mc.mac_apply(g, a, lam)
+    np.testing.assert_allclose(out, _mac_oracle(g, a, lam), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(out, g, rtol=1e-3)  # the projection is not negligible here
