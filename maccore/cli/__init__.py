@@ -1,6 +1,7 @@
-"""Command line: ``python -m maccore demo`` and ``python -m maccore verify``.
+"""Command line: ``python -m maccore demo``, ``python -m maccore verify`` and ``--version``.
 
-``demo`` trains small models on real data with SGD, AdamW, MAC, KFAC and SINGD and prints a table
+``demo`` trains small models on real data with SGD, AdamW, MAC, KFAC and SINGD over several seeds
+and prints a table with the seed spread
 (the framework code lives in the adapters: ``maccore_torch.demo`` / ``maccore_jax.demo``, imported
 only when the subcommand runs; the shared data, settings and reporting are in
 :mod:`maccore.cli.demo`). ``verify`` runs the conformance checks of
@@ -26,7 +27,17 @@ __all__ = ["main", "build_parser", "import_adapter_module"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``maccore`` argument parser (subcommands ``demo`` and ``verify``)."""
-    p = argparse.ArgumentParser(prog="maccore", description=__doc__.splitlines()[0])
+    import maccore
+
+    p = argparse.ArgumentParser(
+        prog="maccore",
+        description="maccore's command line: 'demo' trains small models with SGD, AdamW, MAC, "
+        "KFAC and SINGD over several seeds and compares them; 'verify' runs the conformance "
+        "checks on every installed backend.",
+        epilog="Run 'python -m maccore demo --help' or 'python -m maccore verify --help' for "
+        "their options.",
+    )
+    p.add_argument("--version", action="version", version=f"maccore {maccore.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,verify}")
     _demo_cmd.add_parser(sub)
     _verify_cmd.add_parser(sub)
