@@ -46,6 +46,8 @@ sizes; anything else raises ``ValueError`` naming the layers and shapes that dif
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -116,10 +118,11 @@ class Checkpoint:
         where: str = "load_portable",
     ) -> dict[str, LayerEntry]:
         """The saved layers under the target's names, checked against ``target``
-        (``{name: (kind, d_out, d_tilde)}``) and the target's ``method``.
+        (``{name: (kind, d_out, d_tilde)}``, or ``(kind, d_out, d_tilde, has_bias)``) and the
+        target's ``method``.
 
         Raises ``ValueError`` when the method differs, when layer names differ (listing the
-        missing and unexpected ones) or when a layer's kind or size differs.
+        missing and unexpected ones) or when a layer's kind, size or bias differs.
         """
         if self.method.upper() != method.upper():
             raise ValueError(
@@ -136,12 +139,18 @@ class Checkpoint:
                 "names={saved name: optimizer name} to map them (checkpoint layers: "
                 f"{sorted(self.layers)})"
             )
-        for name, (kind, d_out, d_tilde) in target.items():
+        for name, want in target.items():
+            kind, d_out, d_tilde = want[:3]
             e = layers[name]
             if (e.kind, e.d_out, e.d_tilde) != (kind, d_out, d_tilde):
                 raise ValueError(
                     f"{where}: layer {name!r} is {kind} [{d_out}, {d_tilde}] ([d_out, d̃]) in the "
                     f"optimizer but {e.describe()} in the checkpoint"
+                )
+            if len(want) > 3 and bool(want[3]) != e.has_bias:
+                raise ValueError(
+                    f"{where}: layer {name!r} {'has' if want[3] else 'has no'} bias in the "
+                    f"optimizer but {e.describe()} in the checkpoint (has_bias differs)"
                 )
         return layers
 
@@ -221,6 +230,7 @@ def unflatten_state(
                     raise ValueError(
                         f"{where}: field {p!r} has shape {list(a.shape)}, expected {list(v.shape)}"
                     )
+                _check_kind(a, v, p, where)
                 used.add(p)
                 values.append(_like(a, v))
         return type(node)(*values)
@@ -233,6 +243,21 @@ def unflatten_state(
             "saved with other settings, e.g. another damping mode or SMAC's diagonal)"
         )
     return out
+
+
+def _check_kind(a: Any, leaf: Array, p: str, where: str) -> None:
+    """A NumPy array for a field of ``leaf``'s kind: real floating for floating fields, integer
+    for counters (never bool or complex: they would be cast silently)."""
+    kind = getattr(getattr(a, "dtype", None), "kind", None)
+    if kind is None:
+        return
+    xp = compat.array_namespace(leaf)
+    want = "f" if xp.isdtype(leaf.dtype, "real floating") else "iu"
+    if kind not in want:
+        raise ValueError(
+            f"{where}: field {p!r} has dtype {a.dtype}, expected "
+            f"{'a real floating' if want == 'f' else 'an integer'} array like {leaf.dtype}"
+        )
 
 
 def _like(a: Any, leaf: Array) -> Array:
@@ -282,7 +307,11 @@ def _storable(a: Any) -> Any:
 
 # ---- files ---------------------------------------------------------------------------------------
 def save(path: Any, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` to ``path`` (exactly that path; no suffix is added)."""
+    """Write ``ckpt`` to ``path`` (exactly that path; no suffix is added).
+
+    Atomic: the file is written to a temporary file in the same directory, flushed and
+    ``fsync``-ed, then renamed over ``path`` (``os.replace``). A save that fails (a full disk, an
+    interrupted process) leaves a previous checkpoint at ``path`` intact and no temporary file."""
     import numpy as np  # noqa: PLC0415
 
     if not isinstance(ckpt, Checkpoint):
@@ -327,8 +356,38 @@ def save(path: Any, ckpt: Checkpoint) -> None:
         "layers": layers,
         "params": params,
     }
-    with open(path, "wb") as f:
-        np.savez(f, **{_HEADER: np.asarray(json.dumps(header))}, **blobs)
+    _write_atomic(path, lambda f: np.savez(f, **{_HEADER: np.asarray(json.dumps(header))}, **blobs))
+
+
+def _write_atomic(path: Any, write: Any) -> None:
+    """``write(file)`` into a fresh file next to ``path``, flush, fsync, then rename it to ``path``;
+    on any failure the temporary file is removed and ``path`` is left as it was."""
+    target = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(target))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # the rename itself is durable once the directory is synced (POSIX; best effort)
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def _jsonable(x: Any) -> Any:
@@ -344,59 +403,205 @@ def _jsonable(x: Any) -> Any:
         return repr(x)
 
 
-def load(path: Any) -> Checkpoint:
-    """Read a portable checkpoint (NumPy arrays).
+_MAX_STEP = 2**31 - 1  # step counters are int32 in maccore_jax (and in a portable file)
+_MAX_HEADER_BYTES = 1 << 28
+_ITEMSIZE = 8  # the widest dtype a checkpoint array may have (float64, int64)
 
-    Raises ``ValueError`` when the file is not a maccore portable checkpoint or was written in a
-    newer ``format_version`` than this version of maccore reads.
-    """
-    import zipfile  # noqa: PLC0415
 
+def _bad(path: Any, what: str) -> ValueError:
+    return ValueError(f"load_portable: {path!s}: {what}")
+
+
+def _read_member(zf: Any, key: str, limit: int, path: Any, what: str) -> Any:
+    """The NumPy array stored as ``key`` (``key.npy``) in the open zip ``zf``, reading no more
+    than its ``.npy`` header declares — and refusing, before reading any data, one with more than
+    ``limit`` bytes, an object dtype or a header that does not parse."""
     import numpy as np  # noqa: PLC0415
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        raise _bad(path, f"{what}: array {key!r} listed in the header is missing") from None
+    with zf.open(info) as fp:
+        try:
+            version = np.lib.format.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        except Exception as exc:
+            raise _bad(path, f"{what}: array {key!r} has no readable .npy header ({exc})") from exc
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise _bad(path, f"{what}: array {key!r} has dtype {dtype}, not a numeric dtype")
+        count = 1
+        for n in shape:
+            count *= int(n)
+        nbytes = count * dtype.itemsize
+        if nbytes > limit:
+            raise _bad(path, f"{what}: array {key!r} of shape {list(shape)} ({nbytes} bytes) is "
+                             f"larger than the header implies (at most {limit} bytes)")
+        data = fp.read(nbytes)
+    if len(data) != nbytes:
+        raise _bad(path, f"{what}: array {key!r} is truncated ({len(data)} of {nbytes} bytes)")
+    a = np.frombuffer(data, dtype=dtype)
+    return a.reshape(shape, order="F" if fortran else "C").copy(order="K")  # (the layout np.load gives)
+
+
+def _check_array(a: Any, path: Any, what: str, *, integer: bool = False) -> None:
+    """A checkpoint array: real floating (finite) or, for counters, integer (>= 0)."""
+    import numpy as np  # noqa: PLC0415
+
+    kind = a.dtype.kind
+    if integer:
+        if kind not in "iu":
+            raise _bad(path, f"{what}: a counter must have an integer dtype, got {a.dtype}")
+        if a.size and int(a.min()) < 0:
+            raise _bad(path, f"{what}: a counter must be >= 0, got {int(a.min())}")
+        return
+    if kind != "f":
+        raise _bad(path, f"{what}: expected a real floating array, got dtype {a.dtype} "
+                         "(bool, integer and complex arrays are not state)")
+    if not np.isfinite(a).all():
+        raise _bad(path, f"{what}: holds NaN or Inf")
+
+
+def _int_field(h: Mapping, key: str, path: Any, what: str, *, low: int, high: int,
+               default: Any = None) -> int:
+    v = h.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise _bad(path, f"{what}{key!r} must be an integer in [{low}, {high}], got {v!r}")
+    return v
+
+
+def _mapping(v: Any, path: Any, what: str) -> Mapping:
+    if not isinstance(v, Mapping):
+        raise _bad(path, f"{what} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def load(path: Any) -> Checkpoint:
+    """Read a portable checkpoint (NumPy arrays).
+
+    Strict: only the arrays the header lists are read, each bounded by the size its layer's
+    header implies (a file cannot make the reader decompress more than that), and every header
+    field and array is checked. Raises ``ValueError`` naming the field when the file is not a
+    maccore portable checkpoint, was written in a newer ``format_version`` than this version of
+    maccore reads, or is malformed: a header field of the wrong type or range (``step`` an
+    integer in [0, 2³¹), ``updates`` >= 0, ``has_bias`` a boolean, ``d_out``/``d_tilde``
+    positive, ...), a missing, truncated or oversized array, an array that is not real floating
+    (counters: integer >= 0), or a NaN/Inf in a state, momentum or extra array.
+    """
+    import zipfile  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    try:
+        zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise ValueError(f"load_portable: {path!s} is not a readable .npz file ({exc})") from exc
-    if _HEADER not in files:
-        raise ValueError(f"load_portable: {path!s} is not a maccore portable checkpoint (no {_HEADER!r} entry)")
+        raise _bad(path, f"not a readable .npz file ({exc})") from exc
     try:
-        header = json.loads(str(files[_HEADER]))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"load_portable: {path!s}: unreadable header ({exc})") from exc
+        with zf:
+            return _load_open(zf, path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, OverflowError,
+            MemoryError) as exc:
+        raise _bad(path, f"not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_open(zf: Any, path: Any) -> Checkpoint:
+    names = set(zf.namelist())
+    if _HEADER + ".npy" not in names:
+        raise _bad(path, f"not a maccore portable checkpoint (no {_HEADER!r} entry)")
+    raw = _read_member(zf, _HEADER, _MAX_HEADER_BYTES, path, "header")
+    if raw.dtype.kind not in "US" or raw.shape != ():
+        raise _bad(path, f"the {_HEADER!r} entry is not a string")
+    try:
+        header = json.loads(str(raw[()]))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _bad(path, f"unreadable header ({exc})") from exc
+    header = _mapping(header, path, "the header")
     if header.get("format") != FORMAT:
-        raise ValueError(f"load_portable: {path!s}: format {header.get('format')!r}, expected {FORMAT!r}")
+        raise _bad(path, f"format {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(
             f"load_portable: {path!s}: unknown format_version {version!r} (this maccore reads "
             f"format_version 1..{FORMAT_VERSION}; a newer maccore wrote it?)"
         )
+    method = header.get("method")
+    if not isinstance(method, str) or not method:
+        raise _bad(path, f"header field 'method' must be a non-empty string, got {method!r}")
+    step = _int_field(header, "step", path, "header field ", low=0, high=_MAX_STEP)
+    source = header.get("source", "?")
+    if not isinstance(source, str):
+        raise _bad(path, f"header field 'source' must be a string, got {source!r}")
+    hyper = _mapping(header.get("hyperparameters", {}), path, "header field 'hyperparameters'")
 
-    def get(key: str) -> Any:
-        if key not in files:
-            raise ValueError(f"load_portable: {path!s}: array {key!r} listed in the header is missing")
-        return files[key]
+    from maccore import LayerKind  # noqa: PLC0415  (the layer kinds a checkpoint may hold)
 
+    kinds = sorted(k.value for k in LayerKind)
     layers = {}
-    for name, h in header["layers"].items():
-        arrays = h["arrays"]
-        state = {k[len("state/"):]: get(v) for k, v in arrays.items() if k.startswith("state/")}
-        extra = {k: get(v) for k, v in arrays.items() if not k.startswith("state/") and k != "momentum"}
+    limit_all = 0
+    for name, h in _mapping(header.get("layers"), path, "header field 'layers'").items():
+        what = f"layer {name!r}: "
+        h = _mapping(h, path, f"{what}the entry")
+        kind = h.get("kind")
+        if kind not in kinds:
+            raise _bad(path, f"{what}'kind' must be one of {kinds}, got {kind!r}")
+        d_out = _int_field(h, "d_out", path, what, low=1, high=_MAX_STEP)
+        d_tilde = _int_field(h, "d_tilde", path, what, low=1, high=_MAX_STEP)
+        has_bias = h.get("has_bias")
+        if not isinstance(has_bias, bool):
+            raise _bad(path, f"{what}'has_bias' must be true or false, got {has_bias!r}")
+        updates = _int_field(h, "updates", path, what, low=0, high=_MAX_STEP, default=0)
+        types = _mapping(h.get("state_types"), path, f"{what}'state_types'")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in types.items()):
+            raise _bad(path, f"{what}'state_types' must map strings to type names")
+        arrays = _mapping(h.get("arrays"), path, f"{what}'arrays'")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in arrays.items()):
+            raise _bad(path, f"{what}'arrays' must map field names to array names")
+        # the largest array a layer holds: a [d, d] factor of its larger side (fused qkv / per
+        # head factors are [3H, d̃] with 3H <= d_out), at most 8 bytes an entry
+        limit = _ITEMSIZE * (max(d_out, d_tilde) ** 2 + 16)
+        limit_all = max(limit_all, limit)
+
+        def get(field: str, key: str, *, integer: bool = False) -> Any:
+            a = _read_member(zf, key, limit, path, f"{what}{field!r}")
+            _check_array(a, path, f"{what}{field!r}", integer=integer)
+            return a
+
+        state = {k[len("state/"):]: get(k, v, integer=k.split("/")[-1] == "count")
+                 for k, v in arrays.items() if k.startswith("state/")}
+        extra = {k: get(k, v) for k, v in arrays.items() if not k.startswith("state/") and k != "momentum"}
+        momentum = None
+        if "momentum" in arrays:
+            momentum = get("momentum", arrays["momentum"])
+            if tuple(momentum.shape) != (d_out, d_tilde):
+                raise _bad(path, f"{what}'momentum' has shape {list(momentum.shape)}, expected "
+                                 f"the gradient-matrix layout [{d_out}, {d_tilde}]")
         layers[name] = LayerEntry(
-            kind=h["kind"], d_out=int(h["d_out"]), d_tilde=int(h["d_tilde"]),
-            has_bias=bool(h["has_bias"]), state=state, state_types=dict(h["state_types"]),
-            updates=int(h.get("updates", 0)),
-            momentum=get(arrays["momentum"]) if "momentum" in arrays else None, extra=extra,
+            kind=kind, d_out=d_out, d_tilde=d_tilde, has_bias=has_bias, state=state,
+            state_types=dict(types), updates=updates, momentum=momentum, extra=extra,
         )
-    params = {name: get(h["arrays"]["momentum"]) for name, h in header.get("params", {}).items()}
+    params = {}
+    for name, h in _mapping(header.get("params", {}), path, "header field 'params'").items():
+        what = f"parameter {name!r}: "
+        arrays = _mapping(_mapping(h, path, f"{what}the entry").get("arrays"), path, f"{what}'arrays'")
+        key = arrays.get("momentum")
+        if not isinstance(key, str) or set(arrays) != {"momentum"}:
+            raise _bad(path, f"{what}'arrays' must be {{'momentum': array name}}, got {dict(arrays)!r}")
+        # no size in the header: stored arrays are bounded by the file itself, compressed ones
+        # by 16 x their compressed size (no decompression bombs)
+        info = zf.getinfo(key + ".npy") if key + ".npy" in names else None
+        bound = max(limit_all, 16 * info.compress_size if info is not None else 0)
+        if info is not None and info.compress_type == 0:
+            bound = max(bound, info.file_size)
+        a = _read_member(zf, key, bound, path, f"{what}'momentum'")
+        _check_array(a, path, f"{what}'momentum'")
+        params[name] = a
     return Checkpoint(
-        method=header["method"], step=int(header["step"]), layers=layers, params=params,
-        hyperparameters=header.get("hyperparameters", {}), source=header.get("source", "?"),
-        format_version=version,
+        method=method, step=step, layers=layers, params=params, hyperparameters=dict(hyper),
+        source=source, format_version=version,
     )
 
 

@@ -53,7 +53,7 @@ import array_api_compat as compat
 
 from maccore import structures as _structures
 from maccore._typing import Preconditioner
-from maccore._xp import namespace, shape_str
+from maccore._xp import check_positive_int, namespace, shape_str
 from maccore.structures import StructureOps, StructureType
 
 __all__ = ["SingdState", "singd", "singd_statistics", "singd_input_statistics", "singd_grad_statistics"]
@@ -264,6 +264,8 @@ def singd(
     lam = float(damping)
 
     def init(d_in_tilde: int, d_out: int, *, xp: Any, dtype: Any = None, device: Any = None):
+        d_in_tilde = check_positive_int(d_in_tilde, "d_in_tilde", "singd.init")
+        d_out = check_positive_int(d_out, "d_out", "singd.init")
         xp = _structures._base.resolve_xp(xp)
         base = xp.float32 if dtype is None else dtype
         dt_K = _resolve_dtype(xp, preconditioner_dtype[0], base, "preconditioner_dtype[0]")

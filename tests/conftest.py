@@ -128,3 +128,14 @@ def assert_close(actual, desired, *, rtol, atol, err_msg=""):
     assert a.shape == d.shape, f"shape {a.shape} != {d.shape} {err_msg}"
     scale = max(1.0, float(np.max(np.abs(d)))) if d.size else 1.0
     np.testing.assert_allclose(a, d, rtol=rtol, atol=atol * scale, err_msg=err_msg)
+
+
+# The fuzz suite's outcome table, summed over pytest-xdist workers (tests/_fuzz_report.py).
+from tests._fuzz_report import pytest_sessionfinish, pytest_terminal_summary  # noqa: E402,F401
+
+try:
+    import xdist  # noqa: F401,E402
+except ImportError:  # the worker hook exists only with pytest-xdist
+    pass
+else:
+    from tests._fuzz_report import pytest_testnodedown  # noqa: E402,F401

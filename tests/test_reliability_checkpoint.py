@@ -428,3 +428,205 @@ def test_singd_torch_to_jax_continues_the_torch_trajectory(tmp_path):
     state = mj.load_portable(tmp_path / "s.npz", tx.init(mid), layers=layers)
     p, _ = jax_stepper("mlp", model, tx, output_grads=True)(mid, state, batches[SPLIT:])
     _assert_tree_close(p, final_torch)
+
+
+# ---- issue 16: the loader validates strictly ------------------------------------------------------
+def _files(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _rewrite(src, dst, header_edit=None, files_edit=None):
+    files = _files(src)
+    header = json.loads(str(files["__maccore__"]))
+    if header_edit is not None:
+        header = header_edit(header) or header
+    if files_edit is not None:
+        files_edit(header, files)
+    files["__maccore__"] = np.asarray(json.dumps(header))
+    with open(dst, "wb") as f:
+        np.savez(f, **files)
+    return dst
+
+
+def _set(*keys, value):
+    """A header edit setting ``header[k0][k1]...`` (``"@"``: the first layer) to ``value``."""
+    def edit(h):
+        node = h
+        for k in keys[:-1]:
+            node = node[next(iter(node))] if k == "@" else node[k]
+        if value is _DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    return edit
+
+
+_DELETE = object()
+
+
+def _array(field, make):
+    """A files edit replacing the first layer's array ``field`` by ``make(old)``."""
+    def edit(h, files):
+        key = next(iter(h["layers"].values()))["arrays"][field]
+        files[key] = make(files[key])
+    return edit
+
+
+BAD_HEADERS = {  # name: (header edit, the field the error must name)
+    "header_is_a_list": (lambda h: [h], "header"),
+    "method_int": (_set("method", value=3), "method"),
+    "step_negative": (_set("step", value=-1), "step"),
+    "step_string": (_set("step", value="12"), "step"),
+    "step_float": (_set("step", value=12.0), "step"),
+    "step_bool": (_set("step", value=True), "step"),
+    "step_2_40": (_set("step", value=2**40), "step"),
+    "step_2_31": (_set("step", value=2**31), "step"),
+    "no_step": (_set("step", value=_DELETE), "step"),
+    "source_int": (_set("source", value=3), "source"),
+    "hyperparameters_list": (_set("hyperparameters", value=[1]), "hyperparameters"),
+    "no_layers": (_set("layers", value=_DELETE), "layers"),
+    "layers_list": (_set("layers", value=["conv"]), "layers"),
+    "layer_int": (_set("layers", "conv", value=3), "conv"),
+    "kind_unknown": (_set("layers", "@", "kind", value="dense"), "kind"),
+    "no_kind": (_set("layers", "@", "kind", value=_DELETE), "kind"),
+    "d_out_string": (_set("layers", "@", "d_out", value="4"), "d_out"),
+    "d_tilde_negative": (_set("layers", "@", "d_tilde", value=-10), "d_tilde"),
+    "has_bias_no": (_set("layers", "@", "has_bias", value="no"), "has_bias"),
+    "has_bias_int": (_set("layers", "@", "has_bias", value=1), "has_bias"),
+    "updates_negative": (_set("layers", "@", "updates", value=-3), "updates"),
+    "updates_float": (_set("layers", "@", "updates", value=2.5), "updates"),
+    "state_types_int": (_set("layers", "@", "state_types", value=5), "state_types"),
+    "arrays_string": (_set("layers", "@", "arrays", value="a0"), "arrays"),
+    "array_name_int": (_set("layers", "@", "arrays", "state/mean_hat", value=7), "arrays"),
+    "array_missing": (_set("layers", "@", "arrays", "state/mean_hat", value="zz"), "zz"),
+    "params_list": (_set("params", value=[1]), "params"),
+    "param_arrays_empty": (_set("params", "ln.weight", "arrays", value={}), "ln.weight"),
+}
+BAD_ARRAYS = {  # name: (files edit, words of the error)
+    "nan_state": (_array("state/mean_hat", lambda a: np.full_like(a, np.nan)), "NaN"),
+    "inf_state": (_array("state/mean/value", lambda a: np.full_like(a, np.inf)), "NaN or Inf"),
+    "inf_momentum": (_array("momentum", lambda a: np.full_like(a, -np.inf)), "momentum"),
+    "complex_state": (_array("state/mean_hat", lambda a: a.astype(np.complex64)), "complex"),
+    "bool_state": (_array("state/mean_hat", lambda a: a > 0), "bool"),
+    "uint8_state": (_array("state/mean_hat", lambda a: a.astype(np.uint8)), "uint8"),
+    "negative_count": (_array("state/mean/count", lambda a: a - 100), "counter"),
+    "float_count": (_array("state/mean/count", lambda a: a.astype(np.float32)), "integer"),
+    "momentum_shape": (_array("momentum", lambda a: a[:, :-1]), "momentum"),
+    "object_array": (_array("state/mean_hat", lambda a: np.array([{"a": 1}, None], dtype=object)),
+                     "mean_hat"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    torch.manual_seed(8)
+    model = Net()
+    opt = mt.MAC(model, lr=0.05, t_cov=1, t_inv=1)
+    _train(model, opt, _batches(2))
+    path = tmp_path_factory.mktemp("good") / "good.npz"
+    mt.save_portable(opt, path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(BAD_HEADERS) + list(BAD_ARRAYS))
+def test_malformed_checkpoints_raise_one_clear_value_error(name, good_checkpoint, tmp_path):
+    if name in BAD_HEADERS:
+        edit, field = BAD_HEADERS[name]
+        bad = _rewrite(good_checkpoint, tmp_path / "bad.npz", header_edit=edit)
+    else:
+        edit, field = BAD_ARRAYS[name]
+        if name == "object_array":  # a pickled payload: refused, never unpickled
+            files = _files(good_checkpoint)
+            header = json.loads(str(files["__maccore__"]))
+            key = header["layers"]["conv"]["arrays"]["state/mean_hat"]
+            files[key] = np.array([{"a": 1}, None], dtype=object)
+            bad = tmp_path / "bad.npz"
+            with open(bad, "wb") as f:
+                np.savez(f, **files)
+        else:
+            bad = _rewrite(good_checkpoint, tmp_path / "bad.npz", files_edit=edit)
+    with pytest.raises(ValueError) as err:
+        ck.load(bad)
+    assert field in str(err.value) and str(bad) in str(err.value), str(err.value)
+    model = Net()
+    opt = mt.MAC(model, lr=0.05, t_cov=1, t_inv=1)
+    _train(model, opt, _batches(1, seed=4))
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+        mt.load_portable(opt, bad)
+    _same(_snapshot(opt), before)
+    mt.load_portable(opt, good_checkpoint)  # the good file still loads
+
+
+def test_has_bias_must_match(good_checkpoint, tmp_path):
+    class NoBias(Net):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3, bias=False)  # the same [d_out, d̃] = [3, 5] as fc(4 → 3)
+
+    with pytest.raises(ValueError, match=r"layer 'fc' has no bias in the optimizer.*has_bias"):
+        mt.load_portable(mt.MAC(NoBias()), good_checkpoint)
+
+
+def test_jax_huge_step_is_a_value_error(tmp_path):
+    start = flax_params(TorchMLP(), PAIRS["mlp"])
+    tx, layers, _ = _jax_setup("mlp", "mac", start)
+    state = tx.init(start)
+    path = tmp_path / "j.npz"
+    mj.save_portable(path, state, layers=layers)
+    for step in (2**31, 2**40):
+        bad = _rewrite(path, tmp_path / f"s{step}.npz", header_edit=_set("step", value=step))
+        with pytest.raises(ValueError, match=r"'step' must be an integer in \[0, 2147483647\]"):
+            mj.load_portable(bad, state, layers=layers)
+    ok = _rewrite(path, tmp_path / "ok.npz", header_edit=_set("step", value=2**31 - 1))
+    assert int(mj.load_portable(ok, state, layers=layers)[0].count) == 2**31 - 1
+
+
+def test_unlisted_and_oversized_arrays_are_never_decompressed(good_checkpoint, tmp_path):
+    """A small file holding a compressed 256 MiB zero array the header does not list loads
+    without decompressing it; a listed array whose .npy header claims more than the layer's
+    size is refused before any data is read."""
+    import tracemalloc
+    import zipfile
+
+    bomb = tmp_path / "bomb.npz"
+    bomb.write_bytes(good_checkpoint.read_bytes())
+    n = 1 << 28  # bytes of zeros
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("zz.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (n // 4,)})
+            chunk = bytes(1 << 22)
+            for _ in range(n // len(chunk)):
+                f.write(chunk)
+    assert bomb.stat().st_size < 2 * good_checkpoint.stat().st_size + (1 << 20)  # ~0.3 MB
+    tracemalloc.start()
+    try:
+        back = ck.load(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert back.step == 2 and peak < (16 << 20), peak  # the unlisted array was never read
+    listed = _rewrite(good_checkpoint, tmp_path / "listed.npz",
+                      header_edit=_set("layers", "@", "arrays", "state/mean_hat", value="zz"))
+    with zipfile.ZipFile(listed, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zz.npy", bomb_header := _npy_header((n // 4,)))
+    assert bomb_header
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"'state/mean_hat'.*larger than the header implies"):
+            ck.load(listed)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (16 << 20), peak
+
+
+def _npy_header(shape):
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue()

@@ -274,6 +274,21 @@ def _jax():
     return jax, jnp, optax, mj
 
 
+def _skip_free(tree):
+    """``tree`` without the skip counters of its curvature states (``consecutive_skips``,
+    ``nonfinite_layers``: the only part of the state a skipped step changes)."""
+    from maccore_jax.transform import map_curvature_states
+
+    return map_curvature_states(
+        lambda c: c._replace(consecutive_skips=None, nonfinite_layers=None), tree)
+
+
+def _skips(tree):
+    from maccore_jax.transform import curvature_states
+
+    return [int(c.consecutive_skips) for c in curvature_states(tree)]
+
+
 def _jax_problem(kind, on_nonfinite="skip"):
     jax, jnp, optax, mj = _jax()
     rng = np.random.default_rng(0)
@@ -288,26 +303,33 @@ def _jax_problem(kind, on_nonfinite="skip"):
         tx = mj.kfac(0.05, reduction_factor=1 / 8, t_cov=1, t_inv=2, damping=0.1,
                      on_nonfinite=on_nonfinite)
 
+    def step(p, s, x, y, extra_act=None):
+        return _jax_problem_step(tx, p, s, x, y, extra_act)
+
+    return jax, jnp, tx, params, step
+
+
+def _jax_problem_step(tx, p, s, x, y, extra_act=None):
+    """One step of :func:`_jax_problem`'s model (Dense 4→6, tanh, Dense 6→3, squared error)."""
+    jax, jnp, optax, _ = _jax()
+
     def forward(p, x, q):
         h_in = x
         h = jnp.tanh(h_in @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] + q["Dense_0"])
         out = h @ p["Dense_1"]["kernel"] + q["Dense_1"]
         return out, {"Dense_0": h_in, "Dense_1": h}
 
-    def step(p, s, x, y, extra_act=None):
-        zeros = {"Dense_0": jnp.zeros((x.shape[0], 6)), "Dense_1": jnp.zeros((x.shape[0], 3))}
+    zeros = {"Dense_0": jnp.zeros((x.shape[0], 6)), "Dense_1": jnp.zeros((x.shape[0], 3))}
 
-        def loss(p, q):
-            out, acts = forward(p, x, q)
-            return jnp.mean((out - y) ** 2), acts
+    def loss(p, q):
+        out, acts = forward(p, x, q)
+        return jnp.mean((out - y) ** 2), acts
 
-        (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, zeros)
-        if extra_act is not None:  # statistics from another forward than the gradients
-            acts = {**acts, "Dense_0": extra_act}
-        u, s = tx.update(g, s, p, activations=acts, output_grads=go)
-        return optax.apply_updates(p, u), s
-
-    return jax, jnp, tx, params, step
+    (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, zeros)
+    if extra_act is not None:  # statistics from another forward than the gradients
+        acts = {**acts, "Dense_0": extra_act}
+    u, s = tx.update(g, s, p, activations=acts, output_grads=go)
+    return optax.apply_updates(p, u), s
 
 
 def _jax_batch(jnp, seed, nan=None):
@@ -335,8 +357,12 @@ def test_jax_nonfinite_step_returns_the_old_state(kind, where, jit):
     if where == "stats_only":
         extra = x.at[3, 0].set(jnp.nan)
     p2, s2 = run(params, state, x, y, extra)
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p2, s2))):
+    assert _skips(state) == [0] and _skips(s2) == [1]  # the counter of skipped steps in a row
+    for a, b in zip(jax.tree.leaves((params, _skip_free(state))),
+                    jax.tree.leaves((p2, _skip_free(s2)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    p3, s3 = run(p2, s2, *_jax_batch(jnp, 6))  # an accepted step resets it
+    assert _skips(s3) == [0] and int(s3[0].count) == int(s2[0].count) + 1
 
 
 def test_jax_raise_mode():
@@ -360,7 +386,9 @@ def test_jax_failed_inverse_skips_the_step(monkeypatch):
         params, state = step(params, state, *_jax_batch(jnp, s))
     monkeypatch.setattr(jnp.linalg, "inv", lambda x: jnp.full_like(x, jnp.nan))
     p2, s2 = jax.jit(step)(params, state, *_jax_batch(jnp, 1))
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p2, s2))):
+    assert _skips(s2) == [1]
+    for a, b in zip(jax.tree.leaves((params, _skip_free(state))),
+                    jax.tree.leaves((p2, _skip_free(s2)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -376,7 +404,8 @@ def test_jax_skip_nonfinite_wraps_any_chain():
     bad = {"d": {"kernel": jnp.full((3, 2), jnp.nan), "bias": jnp.zeros(2)}}
     u, s2 = tx.update(bad, s1, params, activations=acts)
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u))
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    assert _skips(s1) == [0] and _skips(s2) == [1]
+    for a, b in zip(jax.tree.leaves(_skip_free(s1)), jax.tree.leaves(_skip_free(s2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="on_nonfinite must be one of"):
         mj.skip_nonfinite(optax.sgd(0.1), on_nonfinite="ignore")
@@ -494,3 +523,196 @@ def test_long_run_jax_jit_with_nan_batches_equals_the_clean_run():
     assert int(runs[1][1][0].count) == steps
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- issue 16: the preconditioned update is checked too; a stuck run says so -----------------------
+def _singd_repro(**kw):
+    """The reproducer of issue 16: SINGD with lr_cov=10 diverges at the third step (its factors
+    and then the parameters overflow)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5))
+    opt = mt.SINGD(model, lr=0.01, T=1, lr_cov=10.0, **kw)
+    x, y = torch.randn(32, 8), torch.randn(32, 5)
+
+    def step():
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        return _stepped(opt)
+
+    return model, opt, step
+
+
+def test_torch_singd_diverging_update_is_skipped_exactly():
+    model, opt, step = _singd_repro(warn_after=3)
+    taken = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(8):
+            snap = _snapshot(opt)
+            ok = step()
+            for p in model.parameters():  # the run stays alive: parameters stay finite
+                assert torch.isfinite(p).all(), f"non-finite parameters after step {i}"
+            if not ok:
+                _assert_same(_snapshot(opt), snap)  # skipped exactly, every time
+            taken.append(ok)
+    assert taken[:2] == [True, True] and not any(taken[2:]), taken
+    assert opt.t == 2 and opt.preconditioner.consecutive_skips == 6
+    assert opt.preconditioner.skipped_steps == 6
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert sum("non-finite preconditioner or update at step 2" in m for m in msgs) == 6
+    stuck = [m for m in msgs if "consecutive steps were skipped" in m]
+    assert len(stuck) == 1 and "3 consecutive" in stuck[0] and "reset_after" in stuck[0]
+    strict = _singd_repro(on_nonfinite="raise")
+    strict[2](), strict[2]()
+    snap = _snapshot(strict[1])
+    with pytest.raises(FloatingPointError, match="non-finite preconditioner or update"):
+        strict[2]()
+    _assert_same(_snapshot(strict[1]), snap)
+
+
+def _poison_layer(pre, name, value=float("inf")):
+    """Every floating array of layer ``name``'s state set to ``value`` (a diverged preconditioner)."""
+    layer = next(l for l in pre.layers if l.name == name)
+    arrays, types = maccore.checkpoint.flatten_state(layer.state)
+    bad = {k: torch.full_like(v, value) if v.is_floating_point() else v for k, v in arrays.items()}
+    layer.state = maccore.checkpoint.unflatten_state(layer.state, bad, types)
+    return layer
+
+
+@pytest.mark.parametrize("method", ["MAC", "KFAC", "SINGD"])
+def test_torch_reset_after_restarts_a_diverged_layer(method):
+    torch.manual_seed(5)
+    model = SmallCNN()
+    kw = dict(lr=0.05, reset_after=3, warn_after=None)
+    opt = {"MAC": lambda: mt.MAC(model, t_cov=1, t_inv=4, **kw),
+           "KFAC": lambda: mt.KFAC(model, damping=0.1, t_cov=1, t_inv=4, **kw),
+           "SINGD": lambda: mt.SINGD(model, T=1, lr_cov=1e-3, **kw)}[method]()
+    for s in range(2):
+        assert _good_step(model, opt, s)
+    layer = _poison_layer(opt.preconditioner, "c2")
+    others = {l.name: maccore.checkpoint.flatten_state(l.state)[0] for l in opt.preconditioner.layers
+              if l.name != "c2"}
+    with pytest.warns(RuntimeWarning) as rec:
+        results = [_good_step(model, opt, s) for s in range(2, 6)]
+    assert results == [False, False, False, True], results
+    assert any("reset the curvature state of layers 'c2'" in str(w.message) for w in rec)
+    assert layer.updates == 1 and opt.t == 3 and opt.preconditioner.consecutive_skips == 0
+    for l in opt.preconditioner.layers:
+        assert all(torch.isfinite(v).all() for v in maccore.checkpoint.flatten_state(l.state)[0].values()
+                   if v.is_floating_point())
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    # the other layers were not reset (they folded one more statistic, from the accepted step)
+    for l in opt.preconditioner.layers:
+        if l.name in others:
+            assert l.updates == 3
+
+
+# ---- issue 16: a skipped step of a preconditioner alone leaves nothing for the next optimizer -------
+@pytest.mark.parametrize("make", [
+    lambda m: mt.MACPreconditioner(m, t_cov=1, t_inv=1),
+    lambda m: mt.KFACPreconditioner(m, damping=0.1, t_cov=1, t_inv=1),
+    lambda m: mt.SINGDPreconditioner(m, T=1),
+], ids=["MAC", "KFAC", "SINGD"])
+def test_torch_preconditioner_skip_clears_the_gradients(make):
+    torch.manual_seed(6)
+    model = SmallCNN()
+    pre = make(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for s in range(2):
+        x, y = _digits_batch(seed=s)
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert pre.step()
+        sgd.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    bufs = [sgd.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    x, y = _digits_batch(seed=9)
+    x[0, 0, 3, 3] = float("nan")
+    sgd.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite gradients or statistics"):
+        assert pre.step() is False
+    assert all(p.grad is None for p in model.parameters())
+    sgd.step()  # the usual loop goes on: SGD skips parameters without a gradient
+    for p, q, b in zip(model.parameters(), params, bufs):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, q) and torch.equal(sgd.state[p]["momentum_buffer"], b)
+
+
+def _jax_singd_repro(**kw):
+    """The reproducer of issue 16 in JAX: ``singd`` with lr_cov=10 (Dense 8→16, tanh, Dense 16→5)."""
+    jax, jnp, optax, mj = _jax()
+    rng = np.random.default_rng(0)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((8, 16)) * 0.3, jnp.float32),
+                          "bias": jnp.zeros(16, jnp.float32)},
+              "Dense_1": {"kernel": jnp.asarray(rng.standard_normal((16, 5)) * 0.3, jnp.float32),
+                          "bias": jnp.zeros(5, jnp.float32)}}
+    tx = mj.singd(0.01, T=1, lr_cov=10.0, **kw)
+    x = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((32, 5)), jnp.float32)
+
+    @jax.jit
+    def step(p, s):
+        zeros = {"Dense_0": jnp.zeros((32, 16)), "Dense_1": jnp.zeros((32, 5))}
+
+        def loss(p, q):
+            h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] + q["Dense_0"])
+            out = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] + q["Dense_1"]
+            return jnp.mean((out - y) ** 2), {"Dense_0": x, "Dense_1": h}
+
+        (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, zeros)
+        u, s = tx.update(g, s, p, activations=acts, output_grads=go)
+        return optax.apply_updates(p, u), s
+
+    return jax, mj, params, tx, step
+
+
+def test_jax_singd_stuck_run_is_visible_in_the_state():
+    jax, mj, params, tx, step = _jax_singd_repro()
+    state = tx.init(params)
+    counts, skips = [], []
+    for i in range(6):
+        p2, s2 = step(params, state)
+        c = mj.transform.curvature_states(s2)[0]
+        counts.append(int(c.count))
+        skips.append(int(c.consecutive_skips))
+        if counts[-1] == (counts[-2] if i else 0):  # skipped: everything else bit for bit
+            for a, b in zip(jax.tree.leaves((params, _skip_free(state))),
+                            jax.tree.leaves((p2, _skip_free(s2)))):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for leaf in jax.tree.leaves(p2):
+            assert np.isfinite(np.asarray(leaf)).all()
+        params, state = p2, s2
+    assert counts == [1, 2, 2, 2, 2, 2] and skips == [0, 0, 1, 2, 3, 4], (counts, skips)
+
+
+def test_jax_reset_after_restarts_a_diverged_layer():
+    jax, jnp, tx, params, step = _jax_problem("kfac")
+    _, _, _, mj = _jax()
+    tx = mj.kfac(0.05, reduction_factor=1 / 8, t_cov=1, t_inv=3, damping=0.1, reset_after=2)
+    jax_step = jax.jit(lambda p, s, x, y: _jax_problem_step(tx, p, s, x, y))
+    state = tx.init(params)
+    for s in range(2):
+        params, state = jax_step(params, state, *_jax_batch(jnp, s))
+
+    def poison(c):
+        bad = jax.tree.map(lambda a: jnp.full_like(a, jnp.inf) if a.dtype == jnp.float32 else a,
+                           c.layers["Dense_1"])
+        return c._replace(layers={**c.layers, "Dense_1": bad})
+
+    state = mj.transform.map_curvature_states(poison, state)
+    d0 = jax.tree.map(np.asarray, mj.transform.curvature_states(state)[0].layers["Dense_0"])
+    counts = []
+    for s in range(2, 6):
+        params, state = jax_step(params, state, *_jax_batch(jnp, s))
+        c = mj.transform.curvature_states(state)[0]
+        counts.append((int(c.count), int(c.consecutive_skips), bool(c.nonfinite_layers["Dense_1"]),
+                       bool(c.nonfinite_layers["Dense_0"])))
+    # skipped twice (Dense_1 blamed, Dense_0 not), then Dense_1 restarts from init: accepted
+    assert counts[:3] == [(2, 1, True, False), (2, 2, True, False), (3, 0, False, False)], counts
+    c = mj.transform.curvature_states(state)[0]
+    for leaf in jax.tree.leaves((params, c.layers)):
+        assert np.isfinite(np.asarray(leaf)).all()
+    assert int(c.layers["Dense_1"].a.count) == 2  # restarted: the folds after the reset only
+    assert int(c.layers["Dense_0"].a.count) == int(d0.a.count) + 2

@@ -96,3 +96,28 @@ def test_import_maccore_stays_framework_free():
             "bad = [m for m in ('torch', 'jax', 'cupy', 'sklearn', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("args,word", [
+    (("--backends", "nope"), "--backends"),
+    (("--backends", ","), "--backends"),
+    (("--dtypes", "float8"), "--dtypes"),
+    (("--dtypes", ""), "--dtypes"),
+    (("--checks", "nope"), "--checks"),
+    (("--checks", ","), "--checks"),
+    (("--against", ","), "--against"),
+])
+def test_bad_arguments_are_usage_errors(args, word, capsys):
+    """A bad list is a usage error: exit status 2 (a failed check is 1), no traceback, and an
+    empty list never passes with 0 checks (issue 16)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--quiet", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and word in err and "Traceback" not in err, err
+
+
+def test_bad_arguments_exit_2_from_the_command_line():
+    proc = _cli("--checks", ",")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "--checks" in proc.stderr and "passed" not in proc.stdout

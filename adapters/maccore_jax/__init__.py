@@ -36,6 +36,7 @@ from maccore_jax.optimizers import MomentumState, kfac, mac, momentum, scale_by_
 # (imported from the submodule, which is then loaded: ``maccore_jax.singd`` is the function)
 from maccore_jax.singd import scale_by_singd, singd
 from maccore_jax.portable import load_portable, save_portable
+from maccore_jax.report import report
 from maccore_jax.specs import QKV, Conv, Dense, Layer
 from maccore_jax.transform import CurvatureState, scale_by_curvature, skip_nonfinite
 from maccore_jax import testing  # noqa: F401,E402  (maccore_jax.testing.curvature_blocks)
@@ -58,6 +59,7 @@ __all__ = [
     "mac_method",
     "momentum",
     "nnx",
+    "report",
     "save_portable",
     "scale_by_curvature",
     "scale_by_kfac",

@@ -28,7 +28,7 @@ from maccore_jax.specs import Conv, Dense, layer_name
 
 __all__ = ["LAYER_TYPES", "apply", "output_zeros", "layer_specs"]
 
-LAYER_TYPES = (nn.Dense, nn.Conv)
+LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
 
 def _run(model, variables, args, kwargs, perturbations, layer_types, modules=None):
@@ -88,6 +88,9 @@ def layer_specs(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> 
         if isinstance(mod, nn.Dense):
             specs[name] = Dense()
             continue
+        if isinstance(mod, nn.DenseGeneral):  # kernel [*in, *out]: flattened to a matrix
+            specs[name] = _general(mod.axis, mod.batch_dims)
+            continue
         pad = mod.padding
         if (
             mod.input_dilation not in (None, 1)
@@ -112,3 +115,12 @@ def _pair(v: Any) -> Any:
     if v is None:
         return 1
     return v if isinstance(v, int) else tuple(v)
+
+
+def _general(axis: Any, batch_dims: Any) -> Any:
+    """``Dense(in_ndim=k)`` for a DenseGeneral contracting the k trailing input axes, else None."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    k = len(axes)
+    if tuple(batch_dims or ()) or sorted(axes) != list(range(-k, 0)):
+        return None  # batch dims or non-trailing contracted axes: not supported
+    return Dense(in_ndim=k)

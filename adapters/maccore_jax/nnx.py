@@ -28,7 +28,7 @@ from maccore_jax.specs import Conv, Dense, layer_name
 
 __all__ = ["LAYER_TYPES", "apply", "output_zeros", "layer_specs"]
 
-LAYER_TYPES = (nnx.Linear, nnx.Conv)
+LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
 
 def _layers(model, layer_types):
@@ -103,7 +103,8 @@ def output_zeros(
 
 
 def layer_specs(model: nnx.Module) -> dict[str, Any]:
-    """``{name: Dense() | Conv(...) | None}`` from the module types: ``nnx.Linear`` → Dense, ``nnx.Conv``
+    """``{name: Dense() | Conv(...) | None}`` from the module types: ``nnx.Linear`` → Dense,
+    ``nnx.LinearGeneral`` (trailing contracted axes, no batch axes) → ``Dense(in_ndim=...)``, ``nnx.Conv``
     → Conv with its strides/padding/dilation/groups, any other module owning a ``kernel`` → None."""
     specs: dict[str, Any] = {}
     for path, node in nnx.iter_graph(model):
@@ -112,6 +113,11 @@ def layer_specs(model: nnx.Module) -> dict[str, Any]:
         name = layer_name(tuple(path))
         if isinstance(node, nnx.Linear):
             specs[name] = Dense()
+        elif isinstance(node, nnx.LinearGeneral):  # kernel [*in, *out]: flattened to a matrix
+            axes = tuple(node.axis)
+            k = len(axes)
+            ok = not tuple(getattr(node, "batch_axis", None) or ()) and sorted(axes) == list(range(-k, 0))
+            specs[name] = Dense(in_ndim=k) if ok else None
         elif (
             isinstance(node, nnx.Conv)
             and len(node.kernel_size) == 2

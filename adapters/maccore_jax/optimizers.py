@@ -233,7 +233,7 @@ def _update_rule(pre, learning_rate, momentum_, weight_decay, nesterov, weight_d
     heavy_ball = [momentum(momentum_, nesterov=nesterov)]
     parts = decay + heavy_ball if weight_decay_mode == "coupled" else heavy_ball + decay
     parts = [pre, *parts, optax.scale_by_learning_rate(learning_rate)]
-    return skip_nonfinite(optax.chain(*parts), on_nonfinite=on_nonfinite)
+    return skip_nonfinite(optax.chain(*parts), on_nonfinite=on_nonfinite, check_params=True)
 
 
 def _optimizer(pre: Callable, name: str, doc: str, *, learning_rate: Any = inspect.Parameter.empty,

@@ -232,7 +232,7 @@ def load_portable(
             "pass the same layout/layers/attention as to the transformation"
         )
     ckpt = ck.load(path)
-    target = {n: (l.kind.value, l.d_out, l.d_tilde) for n, l in found.items()}
+    target = {n: (l.kind.value, l.d_out, l.d_tilde, l.has_bias) for n, l in found.items()}
     entries = ckpt.select(target, method=_method(curv, where), names=names, where=where)
     new_layers = {}
     for n in found:
@@ -245,8 +245,10 @@ def load_portable(
             )
         core = ck.unflatten_state(_unwrap(curv.layers[n])[0], e.state, e.state_types, where=lw)
         new_layers[n] = _rewrap(core, e.extra)
+    if not 0 <= ckpt.step <= int(jnp.iinfo(curv.count.dtype).max):
+        raise ValueError(f"{where}: step {ckpt.step} does not fit the {curv.count.dtype} step count")
     step = jnp.asarray(ckpt.step, dtype=curv.count.dtype)
-    replacements = {id(curv): CurvatureState(step, new_layers)}
+    replacements = {id(curv): curv._replace(count=step, layers=new_layers)}
     if mom is not None:
         out = list(leaves)
         for n, layer in found.items():

@@ -19,7 +19,8 @@ import maccore
 from maccore import LayerKind, QkvSpec
 
 __all__ = [
-    "Dense", "Conv", "QKV", "Layer", "LAYOUTS", "layer_name", "discover", "lookup", "skip_names",
+    "Dense", "Conv", "QKV", "Layer", "LAYOUTS", "Skipped", "coverage", "layer_name", "discover",
+    "lookup", "skip_names",
 ]
 
 LAYOUTS = {"flax": "kernel", "equinox": "weight"}
@@ -28,7 +29,15 @@ QKV = QkvSpec  # maccore_jax.QKV(num_heads=..., mode="reference"|"per_head"|"off
 
 @dataclass(frozen=True)
 class Dense:
-    """A dense layer (the default for every 2-D weight); inputs ``[..., d_in]``."""
+    """A dense layer (the default for every 2-D weight); inputs ``[..., d_in]``.
+
+    ``in_ndim``: for a Flax ``DenseGeneral`` / NNX ``LinearGeneral`` kernel ``[*in, *out]`` (e.g.
+    ``[E, H, d_h]`` with ``in_ndim=1``, ``[H, d_h, E]`` with ``in_ndim=2``), the number of leading
+    kernel axes contracted with the TRAILING axes of the input; the kernel is flattened to the
+    matrix ``[prod(in), prod(out)]``, the input to ``[..., prod(in)]`` and the output gradient to
+    ``[..., prod(out)]``."""
+
+    in_ndim: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +67,7 @@ class Layer:
     conv: Conv | None = None
     qkv: QkvSpec | None = None
     bias_shape: tuple[int, ...] | None = None  # equinox conv biases are [C_out, 1, 1]
+    in_ndim: int = 1  # dense: kernel axes contracted with the input (DenseGeneral / LinearGeneral)
 
     @property
     def d_tilde(self) -> int:
@@ -70,7 +80,15 @@ class Layer:
             return s
         return (s[1], s[0]) if self.kind is LayerKind.LINEAR else (s[3], s[2], s[0], s[1])
 
+    @property
+    def general(self) -> bool:
+        """A dense kernel of rank > 2 (flattened to ``[d_in, d_out]``)."""
+        return self.kind is LayerKind.LINEAR and len(self.weight_shape) != 2
+
     def grad_mat(self, gw: Any, gb: Any) -> Any:
+        if self.general:  # flax layout [*in, *out] -> [d_out, d_in]
+            return maccore.grad_matrix(jnp.reshape(gw, (self.d_in, self.d_out)).T,
+                                       None if gb is None else gb.reshape(-1))
         if self.layout == "flax":
             gw = (
                 gw.T if self.kind is LayerKind.LINEAR else jnp.transpose(gw, (3, 2, 0, 1))
@@ -78,6 +96,10 @@ class Layer:
         return maccore.grad_matrix(gw, None if gb is None else gb.reshape(-1))
 
     def split(self, mat: Any) -> tuple[Any, Any]:
+        if self.general:
+            w, b = maccore.split_grad_matrix(mat, (self.d_out, self.d_in), bias=self.has_bias)
+            return (jnp.reshape(w.T, self.weight_shape),
+                    None if b is None else b.reshape(self.bias_shape))
         w, b = maccore.split_grad_matrix(mat, self._canonical_shape(), bias=self.has_bias)
         if self.layout == "flax":
             w = (
@@ -86,11 +108,16 @@ class Layer:
         return w, None if b is None else b.reshape(self.bias_shape)
 
     # ---- inputs and output gradients -------------------------------------------------------------
-    def nchw(self, a: Any) -> Any:
+    def nchw(self, a: Any, *, output: bool = False) -> Any:
         """A conv layer's input or output gradient in the core's NCHW layout (Flax arrays are NHWC);
-        any other array as it is."""
+        a general dense layer's input ``[..., *in]`` (``output=True``: output gradient
+        ``[..., *out]``) flattened to ``[..., d_in]`` (``[..., d_out]``); any other array as it
+        is."""
         if self.kind is LayerKind.CONV2D and self.layout == "flax":
             return jnp.transpose(a, (0, 3, 1, 2))
+        if self.general:
+            k = len(self.weight_shape) - self.in_ndim if output else self.in_ndim
+            return jnp.reshape(a, tuple(a.shape[: a.ndim - k]) + (self.d_out if output else self.d_in,))
         return a
 
     def core_spec(self, x_nchw: Any | None = None) -> maccore.LayerSpec:
@@ -115,7 +142,11 @@ class Layer:
     def check_input(self, x: Any, what: str = "activations") -> None:
         shape = list(getattr(x, "shape", ()))
         w = list(self.weight_shape)
-        if self.kind is LayerKind.LINEAR:
+        if self.general:
+            ins = list(self.weight_shape[: self.in_ndim])
+            ok = len(shape) >= len(ins) and shape[len(shape) - len(ins):] == ins
+            want = f"[..., {', '.join(map(str, ins))}]"
+        elif self.kind is LayerKind.LINEAR:
             ok = (
                 len(shape) >= 1 and shape[-1] == self.d_in and (self.qkv is None or len(shape) == 3)
             )
@@ -141,7 +172,9 @@ class Layer:
 
     def check_output_grad(self, x: Any, g: Any) -> None:
         xs, gs = list(x.shape), list(getattr(g, "shape", ()))
-        if self.kind is LayerKind.LINEAR:
+        if self.general:
+            want = xs[: len(xs) - self.in_ndim] + list(self.weight_shape[self.in_ndim:])
+        elif self.kind is LayerKind.LINEAR:
             want = xs[:-1] + [self.d_out]
         else:
             spec = self.core_spec(self.nchw(x))
@@ -246,14 +279,18 @@ def discover(
     layers: Mapping[str, Any] | None = None,
     attention: Mapping[str, QkvSpec] | None = None,
     skip: Iterable[str] | None = None,
+    undeclared: list | None = None,
 ) -> tuple[dict[str, Layer], list, Any]:
     """Find the preconditioned layers of a params/gradients tree.
 
     Returns ``(layers, leaves, treedef)``: ``layers`` maps names to :class:`Layer` (in tree order),
     ``leaves`` are the flattened leaves that ``Layer.weight_index``/``bias_index`` index.
     ``layers`` entries: :class:`Dense`, :class:`Conv`, :data:`QKV` or ``None`` (not preconditioned);
-    a 2-D weight defaults to :class:`Dense`, a 4-D weight needs a :class:`Conv` entry. ``skip``:
-    layer names left unpreconditioned (as ``layers={name: None}``; wins over ``attention``).
+    a 2-D weight defaults to :class:`Dense`, a 4-D weight needs a :class:`Conv` entry; an
+    undeclared weight of another rank (e.g. a 3-D ``DenseGeneral`` kernel: declare it with
+    ``Dense(in_ndim=...)``) is left unpreconditioned and its name appended to ``undeclared`` (for
+    :func:`coverage`, which warns). ``skip``: layer names left unpreconditioned (as
+    ``layers={name: None}``; wins over ``attention``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
@@ -284,12 +321,16 @@ def discover(
         if spec is None or (spec is _UNSET and len(shape) < 2):
             continue  # excluded, or a 1-D scale such as a LayerNorm weight
         if spec is _UNSET:
-            if len(shape) != 2:
+            if len(shape) == 4:
                 raise ValueError(
-                    f"layer {name!r} has a {len(shape)}-D {wkey} {list(shape)}: declare it with "
-                    f"layers={{{name!r}: maccore_jax.Conv(padding=..., stride=...)}} (4-D conv) or "
+                    f"layer {name!r} has a 4-D {wkey} {list(shape)}: declare it with "
+                    f"layers={{{name!r}: maccore_jax.Conv(padding=..., stride=...)}} or "
                     f"exclude it with layers={{{name!r}: None}}"
                 )
+            if len(shape) != 2:  # e.g. a DenseGeneral / LinearGeneral kernel: declared or skipped
+                if undeclared is not None:
+                    undeclared.append(name)
+                continue
             spec = Dense()
         bias_shape = tuple(leaves[members["bias"]].shape) if "bias" in members else None
         found[name] = _make_layer(name, spec, shape, layout, wkey, members, bias_shape)
@@ -323,10 +364,14 @@ def _make_layer(name, spec, shape, layout, wkey, members, bias_shape) -> Layer:
         bias_shape=bias_shape,
     )
     if isinstance(spec, (Dense, QkvSpec)):
-        if len(shape) != 2:
+        k = spec.in_ndim if isinstance(spec, Dense) else 1
+        if isinstance(spec, Dense) and len(shape) > 2 and layout == "flax" and 1 <= k < len(shape):
+            d_in, d_out = _prod(shape[:k]), _prod(shape[k:])
+            return Layer(kind=LayerKind.LINEAR, d_in=d_in, d_out=d_out, in_ndim=k, **common)
+        if len(shape) != 2 or k != 1:
             raise ValueError(
-                f"layer {name!r}: declared {type(spec).__name__} but its {wkey} has shape "
-                f"{list(shape)} (expected 2-D)"
+                f"layer {name!r}: declared {spec!r} but its {wkey} has shape {list(shape)} (expected "
+                f"2-D, or a Flax-layout kernel [*in, *out] with 1 <= in_ndim < {len(shape)})"
             )
         d_in, d_out = shape if layout == "flax" else shape[::-1]
         qkv = spec if isinstance(spec, QkvSpec) and spec.mode != "off" else None
@@ -353,3 +398,68 @@ def _make_layer(name, spec, shape, layout, wkey, members, bias_shape) -> Layer:
     raise TypeError(
         f"layers[{name!r}] must be maccore_jax.Dense(), Conv(...), QKV(...) or None, got {spec!r}"
     )
+
+
+def _prod(xs: Iterable[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A parameter leaf no preconditioner handles, and why."""
+
+    parameter: str
+    shape: tuple
+    reason: str
+    suspicious: bool = False  # looks like a linear map (weight of rank >= 2) but is not handled
+
+
+def coverage(
+    tree: Any,
+    *,
+    layout: str = "flax",
+    layers: Mapping[str, Any] | None = None,
+    attention: Mapping[str, QkvSpec] | None = None,
+    skip: Iterable[str] | None = None,
+) -> tuple[dict[str, Layer], list[Skipped]]:
+    """``(layers, skipped)``: the preconditioned layers of ``tree`` and every other leaf with the
+    reason it is not preconditioned (``suspicious``: a weight of rank 3 or more nobody declared)."""
+    undeclared: list = []
+    found, leaves, _ = discover(tree, layout=layout, layers=layers, attention=attention, skip=skip,
+                                undeclared=undeclared)
+    wkey = LAYOUTS[layout]
+    claimed = {i for l in found.values() for i in (l.weight_index, l.bias_index) if i is not None}
+    excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None}
+    skipped = set(skip_names(skip))
+    out = []
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+        if i in claimed or not hasattr(leaf, "shape"):
+            continue
+        keys = _keys(path)
+        name = "/".join(str(k) for k in keys)
+        node = "/".join(str(k) for k in keys[:-1])
+        shape = tuple(int(d) for d in leaf.shape)
+        suspicious = False
+        if node in skipped:
+            reason = "skip_layers"
+        elif node in excluded:
+            reason = "layers[...] = None"
+        elif node in undeclared and keys[-1] in (wkey, "bias"):
+            suspicious = keys[-1] == wkey
+            what = f"{len(shape)}-D {wkey}" if suspicious else f"bias of a {wkey}"
+            reason = (f"{what} of rank != 2 not declared: a DenseGeneral/LinearGeneral kernel "
+                      f"[*in, *out] is preconditioned with layers={{{node!r}: "
+                      f"maccore_jax.Dense(in_ndim=...)}}; or skip_layers=[{node!r}]")
+        elif keys[-1] == "embedding":
+            reason = "embedding (a lookup, not a linear map of a layer input)"
+        elif len(shape) >= 2:
+            suspicious = True
+            reason = (f"{len(shape)}-D leaf {keys[-1]!r} is not a '{wkey}' of a layer "
+                      f"(layout={layout!r}); not preconditioned")
+        else:
+            reason = f"{len(shape)}-D {keys[-1]!r} (scale/shift)"
+        out.append(Skipped(name, shape, reason, suspicious))
+    return found, out

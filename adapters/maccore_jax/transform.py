@@ -21,13 +21,15 @@ formula is the engine's, shared with ``maccore_torch``.
 
 Non-finite steps (``on_nonfinite``, :func:`skip_nonfinite`): a step whose gradients, statistics,
 refreshed caches or updates hold NaN/Inf returns zero updates and the state exactly as it was
-(counters included), with ``jnp.where`` so it works under ``jit``; ``"raise"`` raises
+(step count included; only :attr:`CurvatureState.consecutive_skips` advances), with ``jnp.where``
+so it works under ``jit``; ``"raise"`` raises
 ``FloatingPointError`` (eagerly; under ``jit`` from a host callback, surfacing as a
 ``JaxRuntimeError`` that carries the message). See ``docs/numerics.md``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import array_api_compat
@@ -38,7 +40,7 @@ import optax
 from jax import lax
 from maccore import engine
 
-from maccore_jax.specs import Layer, discover, layer_name, lookup, skip_names
+from maccore_jax.specs import Layer, coverage, discover, layer_name, lookup, skip_names
 from maccore_jax.validation import check_on_nonfinite, check_period
 
 __all__ = [
@@ -54,10 +56,18 @@ XP = array_api_compat.array_namespace(jnp.zeros(()))
 class CurvatureState(NamedTuple):
     """``count``: optimizer steps taken (0-d int32); ``layers``: the engine's per-layer states by
     layer name (``method.init``: a fused qkv layer's MAC state is one :class:`maccore.MacState`
-    with ``[3, d̃]`` — or per head ``[3H, d̃]`` — factors, as in ``maccore_torch``)."""
+    with ``[3, d̃]`` — or per head ``[3H, d̃]`` — factors, as in ``maccore_torch``).
+
+    ``consecutive_skips``: steps skipped for non-finite values since the last accepted step (0-d
+    int32, kept by :func:`skip_nonfinite`; readable under ``jit``: a run whose counter keeps
+    growing is stuck). ``nonfinite_layers``: ``{layer name: 0-d bool}``, the layers whose new
+    state or preconditioned gradient was not finite during the current run of skipped steps
+    (computed with ``reset_after``; all ``False`` after an accepted step)."""
 
     count: jax.Array
     layers: dict[str, Any]
+    consecutive_skips: Any = None
+    nonfinite_layers: Any = None
 
 
 def _is_curvature(x: Any) -> bool:
@@ -90,6 +100,8 @@ def scale_by_curvature(
     axis_name: str | None = None,
     on_nonfinite: str | None = "skip",
     lr_cov: float | Callable[[Any], Any] | None = None,
+    reset_after: int | None = None,
+    strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition the gradients of every discovered layer with ``method`` (module docstring).
 
@@ -117,6 +129,14 @@ def scale_by_curvature(
             (no check). Wrap your whole chain in :func:`skip_nonfinite` to keep its momenta too.
         lr_cov: SINGD's preconditioner learning rate, a number or a schedule of the step count,
             passed to ``method.update(..., lr_cov=)``; ``None`` uses the method's own.
+        reset_after: automatic recovery (``None``, the default: off). From the ``reset_after``-th
+            consecutive skipped step on (:attr:`CurvatureState.consecutive_skips`), the layers
+            whose state or preconditioned gradient was not finite (``nonfinite_layers``) start
+            each step from the method's initial state, until a step is accepted.
+        strict: coverage contract (:func:`maccore_jax.report`): at ``init``, a leaf that looks
+            like a linear map but is not preconditioned (e.g. an undeclared 3-D
+            ``DenseGeneral`` kernel) is a ``UserWarning``, with ``strict=True`` a ``ValueError``;
+            zero preconditioned layers is always a warning.
 
     ``update(..., reduction_factor=R)`` overrides the method's loss reduction for that update
     (KFAC, SINGD).
@@ -130,33 +150,41 @@ def scale_by_curvature(
     t_cov = check_period(t_cov, "t_cov", where)
     t_inv = check_period(t_inv, "t_inv", where)
     check_on_nonfinite(on_nonfinite, where)
+    if reset_after is not None:
+        reset_after = check_period(reset_after, "reset_after", where)
     skip = skip_names(skip_layers)
     excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None} | set(skip)
 
-    def find(tree):
-        return discover(tree, layout=layout, layers=layers, attention=attention, skip=skip)
+    def find(tree, undeclared=None):
+        return discover(tree, layout=layout, layers=layers, attention=attention, skip=skip,
+                        undeclared=undeclared)
 
     def init_fn(params):
+        _check_coverage(params, where, strict, layout=layout, layers=layers,
+                        attention=attention, skip=skip)
         found, leaves, _ = find(params)
         states = {}
         for n, layer in found.items():
             dtype = _stats_dtype(leaves[layer.weight_index].dtype)
             with _layer_errors(where, n):
                 states[n] = method.init(layer.core_spec(), xp=XP, dtype=dtype)
-        return CurvatureState(jnp.zeros((), jnp.int32), states)
+        return CurvatureState(jnp.zeros((), jnp.int32), states, jnp.zeros((), jnp.int32),
+                              {n: jnp.zeros((), bool) for n in states})
 
     def update_fn(updates, state, params=None, *, activations=None, output_grads=None,
                   reduction_factor=None, **extra):
         del extra  # other transformations' arguments (optax.chain passes them to everyone)
         if params is not None:
             _check_like(updates, params, where)
-        found, leaves, treedef = find(updates)
+        undeclared: list = []
+        found, leaves, treedef = find(updates, undeclared)
         if set(found) != set(state.layers):
             raise ValueError(
                 f"{where}: the state was initialised for layers {sorted(state.layers)} but "
                 f"the gradients have layers {sorted(found)}"
             )
-        acts = _match(activations, found, list(found), "activations", where, excluded)
+        acts = _match(activations, found, list(found), "activations", where,
+                      excluded | set(undeclared))
         for n, layer in found.items():
             layer.check_input(acts[n])
         xs = {n: layer.nchw(acts[n]) for n, layer in found.items()}
@@ -164,7 +192,8 @@ def scale_by_curvature(
         want_g = [n for n in found if method.wants_grads(specs[n])]
         gouts = {}
         if want_g:
-            gouts = _match(output_grads, found, want_g, "output_grads", where, excluded)
+            gouts = _match(output_grads, found, want_g, "output_grads", where,
+                           excluded | set(undeclared))
             for n in want_g:
                 found[n].check_output_grad(acts[n], gouts[n])
         want_attn = [n for n in found if method.wants_attention(specs[n])]
@@ -190,7 +219,7 @@ def scale_by_curvature(
                         attn = _attention(layer, spec, x, pleaves) if n in want_attn else None
                         stats = method.input_statistics(spec, st, x, attn=attn)
                     if n in want_g:
-                        g = method.grad_statistics(spec, st, layer.nchw(gouts[n]))
+                        g = method.grad_statistics(spec, st, layer.nchw(gouts[n], output=True))
                         stats = engine.pool_stats(stats, g)
                     final = method.finalize(spec, st, stats, reduction_factor=reduction_factor)
                     values = {k: v for k, (v, _) in final.items()}
@@ -209,24 +238,56 @@ def scale_by_curvature(
 
         due_stats, due_refresh = engine.schedule(state.count, t_cov=t_cov, t_inv=t_inv)
         ls = dict(state.layers)
+        if reset_after is not None:  # recovery: the offending layers restart from init
+            due_reset = state.consecutive_skips >= reset_after
+            for n, layer in found.items():
+                leaf = leaves[layer.weight_index]
+                fresh = method.init(specs[n], xp=XP, dtype=_stats_dtype(leaf.dtype))
+                fresh = _keep_first_layer(fresh, ls[n])
+                use = due_reset & state.nonfinite_layers[n]
+                ls[n] = jax.tree.map(lambda a, b: jnp.where(use, a, b), fresh, ls[n])
         ls = lax.cond(due_stats, collect, lambda s: s, ls)
         ls = lax.cond(due_refresh, refresh, lambda s: s, ls)
         out = list(leaves)
+        bad = {}
         for n, layer in found.items():
             gb = None if layer.bias_index is None else leaves[layer.bias_index]
             with _layer_errors(where, n):
                 mat = method.apply(specs[n], ls[n], layer.grad_mat(leaves[layer.weight_index], gb))
+            bad[n] = (~_all_finite((ls[n], mat)) if reset_after is not None
+                      else jnp.zeros((), bool))
             w, b = layer.split(mat)
             out[layer.weight_index] = w
             if b is not None:
                 out[layer.bias_index] = b
         return jax.tree_util.tree_unflatten(treedef, out), CurvatureState(
-            optax.safe_int32_increment(state.count), ls
+            optax.safe_int32_increment(state.count), ls, jnp.zeros((), jnp.int32), bad
         )
 
     return skip_nonfinite(
         optax.GradientTransformationExtraArgs(init_fn, update_fn), on_nonfinite=on_nonfinite
     )
+
+
+def _check_coverage(params: Any, where: str, strict: bool, **kw: Any) -> None:
+    """The coverage contract at ``init`` (see :func:`maccore_jax.report`)."""
+    found, skipped = coverage(params, **kw)
+    bad = [s for s in skipped if s.suspicious]
+    if bad:
+        msg = (f"{where}: {len(bad)} parameter(s) look like linear maps but are not "
+               f"preconditioned: " + "; ".join(f"{s.parameter}: {s.reason}" for s in bad))
+        if strict:
+            raise ValueError(msg + " (strict=True)")
+        warnings.warn(msg, UserWarning, stacklevel=4)
+    if not found:
+        warnings.warn(f"{where}: 0 preconditioned layers — every gradient passes through "
+                      f"unchanged (see maccore_jax.report)", UserWarning, stacklevel=4)
+
+
+def _keep_first_layer(fresh: Any, old: Any) -> Any:
+    """A fresh MAC state keeps the layer's fixed first-layer inverse (not a statistic)."""
+    first = getattr(old, "first_inv", None)
+    return fresh if first is None else fresh._replace(first_inv=first)
 
 
 def _attention(layer: Layer, spec: maccore.LayerSpec, x: Any, pleaves: list) -> Any:
@@ -328,22 +389,42 @@ def _raise_if_bad(ok: Any) -> None:
         raise FloatingPointError(_NONFINITE_MSG)
 
 
+def _count_skip(ok: Any, picked: Any, new: Any, old: Any) -> Any:
+    """The curvature states of a step's result: an accepted step keeps the new counters, a
+    skipped one the old state with ``consecutive_skips + 1`` and the offending layers OR'ed."""
+    if old.consecutive_skips is None:  # a state built without counters: left as it is
+        return picked
+    skips = jnp.where(ok, picked.consecutive_skips, optax.safe_int32_increment(old.consecutive_skips))
+    layers = {n: jnp.where(ok, new.nonfinite_layers[n], old.nonfinite_layers[n] | new.nonfinite_layers[n])
+              for n in old.nonfinite_layers}
+    return picked._replace(consecutive_skips=skips, nonfinite_layers=layers)
+
+
 def skip_nonfinite(
-    inner: optax.GradientTransformation, *, on_nonfinite: str | None = "skip"
+    inner: optax.GradientTransformation, *, on_nonfinite: str | None = "skip",
+    check_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Make ``inner`` skip non-finite steps exactly: when the incoming gradients, the updates or
     the new state (running averages, caches, momenta) hold a NaN or Inf, the step returns zero
-    updates and the OLD state, counters included — so a skipped step is as if the batch had not
-    been seen. The state has the structure of ``inner``'s (checkpoints stay interchangeable).
+    updates and the OLD state, step counts included — so a skipped step is as if the batch had not
+    been seen (only the skip counters below advance). The state has the structure of ``inner``'s
+    (checkpoints stay interchangeable).
 
     Args:
         inner: any optax transformation (extra ``update`` keyword arguments are passed through).
         on_nonfinite: ``"skip"``; ``"raise"`` — ``FloatingPointError`` when called eagerly; under
             ``jax.jit`` the error is raised by a host callback and surfaces as a
             ``jax.errors.JaxRuntimeError`` carrying the message; ``None`` returns ``inner`` as is.
+        check_params: also require the new parameter values ``params + updates`` to be finite
+            (for transformations whose updates are the final ones, as :func:`maccore_jax.mac`;
+            when ``update`` gets ``params``).
 
-    Unlike ``optax.apply_if_finite`` it keeps no counter of its own and never lets a non-finite
-    step through. :func:`maccore_jax.mac`, :func:`~maccore_jax.kfac` and
+    Every :class:`CurvatureState` inside the state counts the skipped steps in a row
+    (``consecutive_skips``, 0 after an accepted step): under ``jit`` that is how to see that a
+    run is stuck (every step skipped).
+
+    Unlike ``optax.apply_if_finite`` it adds no state of its own (the counters live in the
+    curvature states) and never lets a non-finite step through. :func:`maccore_jax.mac`, :func:`~maccore_jax.kfac` and
     :func:`~maccore_jax.singd` wrap their whole chain with it; ``scale_by_*`` wrap only the
     preconditioner (the rest of your chain then sees zero updates).
     """
@@ -355,6 +436,9 @@ def skip_nonfinite(
     def update_fn(updates, state, params=None, **extra):
         new_updates, new_state = inner.update(updates, state, params, **extra)
         ok = _all_finite((updates, new_updates, new_state))
+        if check_params and params is not None:
+            ok = ok & _all_finite(jax.tree.map(
+                lambda p, u: p + u if hasattr(u, "dtype") else None, params, new_updates))
         if on_nonfinite == "raise":
             try:
                 concrete = bool(ok)
@@ -368,6 +452,10 @@ def skip_nonfinite(
             return jnp.where(ok, new, old) if hasattr(new, "dtype") else new
 
         out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-        return out, jax.tree.map(pick, new_state, state)
+        picked = jax.tree.map(pick, new_state, state)
+        counted = jax.tree.map(
+            lambda p, n, o: _count_skip(ok, p, n, o) if _is_curvature(p) else p,
+            picked, new_state, state, is_leaf=_is_curvature)
+        return out, counted
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -13,6 +13,10 @@ to modules with a layer that still wants them (e.g. not a first layer with a fix
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import warnings
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -32,6 +36,30 @@ def _unsqueeze0(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0)
 
 
+# Lifetime (issue 16): the module hooks hold their LayerCapture by weak reference, so they never
+# keep a preconditioner alive; when the capture is garbage (its preconditioner was deleted) a
+# finalizer removes the hooks. _HOOKED lists the live captures per module (to warn about two).
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _call_weak(ref: Any, name: str, *args: Any) -> None:
+    """``capture.name(*args)`` while the capture lives — and only for its own modules (a
+    ``copy.deepcopy`` of the model copies the hooks, not the capture)."""
+    capture = ref()
+    if capture is None:
+        return
+    module = args[1] if name == "_on_forward" else args[0]
+    if module is capture.model or id(module) in capture._by_module:
+        getattr(capture, name)(*args)
+
+
+def _remove_all(handles: dict, extra: list) -> None:
+    for h in list(handles.values()) + extra:
+        h.remove()
+    handles.clear()
+    extra.clear()
+
+
 class LayerCapture:
     """The hooks of one preconditioner on its model (see the module docstring)."""
 
@@ -45,8 +73,32 @@ class LayerCapture:
         self._handles: dict[int, Any] = {}
         self._active = False
         self._removed = False
-        self._scale_hook = (model.register_forward_pre_hook(self._on_model_forward)
-                            if loss_scale.scaler is not None else None)
+        me = weakref.ref(self)
+        self._scale_hook = (model.register_forward_pre_hook(
+            functools.partial(_call_weak, me, "_on_model_forward"))
+            if loss_scale.scaler is not None else None)
+        self._finalizer = weakref.finalize(self, _remove_all, self._handles,
+                                           [] if self._scale_hook is None else [self._scale_hook])
+        self._warn_if_hooked()
+
+    def _warn_if_hooked(self) -> None:
+        """Warn when another live (not removed) capture hooks one of these modules."""
+        clash = []
+        for m, layers in self._by_module.values():
+            owners = _HOOKED.setdefault(m, weakref.WeakSet())
+            if any(not other._removed for other in owners):
+                clash.append(layers[0].name)
+            owners.add(self)
+        if clash:
+            level, frame = 1, sys._getframe()  # point at the first line outside maccore_torch
+            here = os.path.dirname(os.path.abspath(__file__))
+            while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+                frame, level = frame.f_back, level + 1
+            warnings.warn(
+                f"{self.method.name.upper()}: modules {clash} are already hooked by another live "
+                "maccore optimizer or preconditioner; both collect statistics on every forward. "
+                "Call remove_hooks() on the old one (or delete it) first", UserWarning,
+                stacklevel=level)
 
     # ------------------------------------------------------------------ attaching
     def _wanted(self, layer: Layer) -> bool:
@@ -66,7 +118,7 @@ class LayerCapture:
         for key in want:
             if key not in self._handles:
                 m, layers = self._by_module[key]
-                hook = functools.partial(self._on_forward, layers)
+                hook = functools.partial(_call_weak, weakref.ref(self), "_on_forward", layers)
                 self._handles[key] = m.register_forward_hook(hook, with_kwargs=True)
 
     def remove(self) -> None:

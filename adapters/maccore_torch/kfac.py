@@ -48,7 +48,7 @@ class KFACPreconditioner(HookedPreconditioner):
         kfac_approx: ``"expand"`` or ``"reduce"``. damping_mode: ``"tikhonov"``, ``"pi"``,
             ``"exact"`` (docs/math.md).
         loss_average / reduction_factor: the loss reduction (module docstring).
-        params, skip_layers, grad_scaler, on_nonfinite, process_group: as
+        params, skip_layers, grad_scaler, on_nonfinite, process_group, warn_after, reset_after: as
             :class:`maccore_torch.MACPreconditioner` (``grad_scaler``: G is divided by the squared
             scale of the backward pass).
     """
@@ -73,6 +73,9 @@ class KFACPreconditioner(HookedPreconditioner):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         curvature = kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
                                 kfac_approx=kfac_approx, loss_average=loss_average,
@@ -82,7 +85,8 @@ class KFACPreconditioner(HookedPreconditioner):
         self.loss_average, self.reduction_factor = loss_average, reduction_factor
         super().__init__(model, curvature, t_cov=t_cov, t_inv=t_inv, params=params,
                          skip_layers=skip_layers, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite,
-                         process_group=process_group)
+                         process_group=process_group, strict=strict,
+                         warn_after=warn_after, reset_after=reset_after)
 
     def _describe(self, layer: Layer) -> str:
         return f"KFAC {self.kfac_approx.value} ({self.damping_mode} damping)"
@@ -123,6 +127,9 @@ class KFAC(CurvatureOptimizer):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         weight_decay_mode=weight_decay_mode)
@@ -130,7 +137,8 @@ class KFAC(CurvatureOptimizer):
             KFACPreconditioner, model, stat_decay=stat_decay, damping=damping, t_cov=t_cov, t_inv=t_inv,
             kfac_approx=kfac_approx, damping_mode=damping_mode, loss_average=loss_average,
             reduction_factor=reduction_factor, skip_layers=skip_layers, grad_scaler=grad_scaler,
-            on_nonfinite=on_nonfinite, process_group=process_group,
+            on_nonfinite=on_nonfinite, process_group=process_group, strict=strict,
+            warn_after=warn_after, reset_after=reset_after,
         )
         super().__init__(model, params, defaults, make)
 

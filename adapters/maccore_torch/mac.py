@@ -43,7 +43,9 @@ class MACPreconditioner(HookedPreconditioner):
     """MAC (``diagonal=False``) or SMAC (``diagonal=True``) preconditioner for any torch optimizer.
 
     Call ``step()`` after ``backward()`` (and after ``scaler.unscale_(opt)`` under AMP) and before
-    ``opt.step()``; it rewrites ``.grad`` of the supported layers (``p.grad = ...``).
+    ``opt.step()``; it rewrites ``.grad`` of the supported layers (``p.grad = ...``). On a step with
+    NaN/Inf values it returns ``False`` and sets ``.grad`` of the model's parameters to ``None``,
+    so the following ``opt.step()`` changes nothing (docs/numerics.md).
 
     Args:
         model: the module whose ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` (and
@@ -58,7 +60,13 @@ class MACPreconditioner(HookedPreconditioner):
         skip_layers: module names to leave unpreconditioned.
         grad_scaler: the ``torch.amp.GradScaler`` in use (SMAC divides its gradient statistics by
             the squared scale).
-        on_nonfinite: ``"skip"`` (warn, skip), ``"raise"`` or ``None`` (no check, no sync).
+        on_nonfinite: ``"skip"`` (warn, skip), ``"raise"`` or ``None`` (no check, no sync). A
+            step is skipped — exactly, ``.grad`` set to ``None`` — when a gradient, statistic,
+            refreshed preconditioner or the update is not finite (docs/numerics.md).
+        warn_after: after this many consecutive skipped steps, warn once that training is stuck
+            (``None``: never). reset_after: after this many consecutive skipped steps,
+            re-initialise the state (and the optimizer's momenta) of the layers whose
+            preconditioner or update was not finite (``None``, the default: never).
         process_group: for the statistics all-reduce (default: the world).
     """
 
@@ -80,6 +88,9 @@ class MACPreconditioner(HookedPreconditioner):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         self.stat_decay, self.damping, self.scale, self.diagonal = stat_decay, damping, scale, diagonal
         if diagonal:
@@ -88,7 +99,8 @@ class MACPreconditioner(HookedPreconditioner):
                                            diagonal=diagonal),
                          t_cov=t_cov, t_inv=t_inv, params=params, attention=attention,
                          skip_layers=skip_layers, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite,
-                         process_group=process_group)
+                         process_group=process_group, strict=strict,
+                         warn_after=warn_after, reset_after=reset_after)
 
     def _describe(self, layer: Layer) -> str:
         smac = " + SMAC diagonal" if self.curvature.wants_grads(layer.spec) else ""
@@ -175,13 +187,17 @@ class MAC(CurvatureOptimizer):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         weight_decay_mode=weight_decay_mode)
         make = functools.partial(
             MACPreconditioner, model, stat_decay=stat_decay, damping=damping, t_cov=t_cov, t_inv=t_inv,
             scale=scale, attention=attention, diagonal=diagonal, skip_layers=skip_layers,
-            grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group,
+            grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group, strict=strict,
+            warn_after=warn_after, reset_after=reset_after,
         )
         super().__init__(model, params, defaults, make)
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from maccore_torch.numerics import all_finite
+
 __all__ = ["CurvatureOptimizer"]
 
 _WD_MODES = ("coupled", "decoupled")
@@ -59,6 +61,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "preconditioner"):
             self._check_group(self.param_groups[-1])
+            # the new parameters' layers are preconditioned too (or listed as skipped, with why)
+            self.preconditioner.add_params(self.param_groups[-1]["params"])
 
     @property
     def t(self) -> int:
@@ -72,16 +76,89 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Precondition the gradients and apply the update. With ``on_nonfinite`` set (default
+        ``"skip"``) the new parameter values and momentum buffers are computed out of place and
+        written only when they, the refreshed preconditioners and the preconditioned gradients
+        are all finite; otherwise the step is skipped exactly (parameters, momenta, curvature
+        state and step count bit for bit unchanged; see :meth:`HookedPreconditioner.step`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"]]
-        if not self.preconditioner.step(check=params):
+        pre = self.preconditioner
+        pending = pre._prepare(params)
+        if pending is None:
+            self._drop_reset_momenta()
             return loss
-        for group in self.param_groups:
-            self._update_group(group)
+        if pre.on_nonfinite is None:  # no checks: in place, no device sync
+            pre._commit(pending)
+            for group in self.param_groups:
+                self._update_group(group)
+            return loss
+        plans = [self._plan_group(group) for group in self.param_groups]
+        # finite new values imply finite momenta and preconditioned gradients (p - lr·b with a
+        # non-finite b is non-finite, also at lr = 0): the states and the new values suffice
+        new = [t for plan in plans for t in plan[1]]
+        if not all_finite(pending.checked(grads=False) + new):
+            pre._reject(pending, {id(p): [v, b] for plan in plans for p, v, b in zip(*plan)})
+            self._drop_reset_momenta()
+            return loss
+        pre._commit(pending)
+        for ps, values, bufs in plans:
+            if not ps:
+                continue
+            torch._foreach_copy_(ps, values)
+            olds, news = [], []
+            for p, b in zip(ps, bufs):
+                state = self.state[p]
+                old = state.get("momentum_buffer")
+                if old is None:
+                    state["momentum_buffer"] = b
+                else:
+                    olds.append(old)
+                    news.append(b)
+            if olds:
+                torch._foreach_copy_(olds, news)
         return loss
+
+    def _drop_reset_momenta(self) -> None:
+        """Layers the preconditioner re-initialised (``reset_after``) restart their momenta too."""
+        for layer in self.preconditioner._last_reset:
+            for p in (layer.weight, layer.bias):
+                if p is not None and p in self.state:
+                    self.state[p].pop("momentum_buffer", None)
+
+    def _plan_group(self, group: dict) -> tuple[list, list, list]:
+        """:meth:`_update_group` out of place: ``(params, new values, new momentum buffers)``,
+        the same arithmetic (bit for bit), nothing written."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        coupled = group["weight_decay_mode"] == "coupled"
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not ps:
+            return [], [], []
+        gs = [p.grad for p in ps]
+        if coupled and wd != 0:
+            gs = list(torch._foreach_add(gs, ps, alpha=wd))
+        olds = [self.state[p].get("momentum_buffer") if p in self.state else None for p in ps]
+        old_i = [i for i, b in enumerate(olds) if b is not None]
+        bufs = [g.detach().clone() if b is None else None for g, b in zip(gs, olds)]
+        if old_i:
+            scaled = torch._foreach_mul([olds[i] for i in old_i], mu)
+            for i, b in zip(old_i, torch._foreach_add(scaled, [gs[i] for i in old_i])):
+                bufs[i] = b
+        if group["nesterov"]:
+            ds = list(torch._foreach_add(gs, bufs, alpha=mu))
+            for i, b in enumerate(olds):
+                if b is None:  # first step: d = ĝ'
+                    ds[i] = gs[i]
+        else:
+            ds = bufs
+        values = ps
+        if not coupled and wd != 0:
+            values = torch._foreach_mul(ps, 1.0 - lr * wd)
+        values = list(torch._foreach_add(values, ds, alpha=-lr))
+        return ps, values, bufs
 
     def _update_group(self, group: dict) -> None:
         """The momentum / weight-decay update of one param group with ``torch._foreach_*`` ops
@@ -128,11 +205,65 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping) -> None:
+        """Load a :meth:`state_dict` atomically: the momentum buffers (shapes, types), the param
+        groups and the preconditioner's state are all validated before anything is assigned; a
+        ``ValueError`` changes nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"load_state_dict: expected a mapping, got {type(state_dict).__name__}")
         sd = dict(state_dict)
         pre = sd.pop("maccore", None)
-        super().load_state_dict(sd)
-        if pre is not None:
-            self.preconditioner.load_state_dict(pre)
+        self._check_momenta(sd)
+        staged = None if pre is None else self.preconditioner._stage_state_dict(pre)
+        super().load_state_dict(sd)  # validates the groups before it assigns anything
+        if staged is not None:
+            self.preconditioner._assign_state(staged)
+
+    def _check_momenta(self, sd: Mapping) -> None:
+        """The per-parameter state of ``sd`` (torch's layout: parameter index → state) fits."""
+        where = "load_state_dict"
+        groups, state = sd.get("param_groups"), sd.get("state")
+        if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
+            raise ValueError(f"{where}: expected 'state' and 'param_groups' entries")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state has {len(groups)} parameter groups, the "
+                             f"optimizer {len(self.param_groups)}")
+        for i, (g, mine) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(g, Mapping):
+                raise ValueError(f"{where}: parameter group {i} must be a mapping, got {type(g).__name__}")
+            ids = g.get("params")
+            if (not isinstance(ids, (list, tuple)) or len(ids) != len(mine["params"])
+                    or not all(isinstance(j, int) and not isinstance(j, bool) for j in ids)):
+                raise ValueError(f"{where}: parameter group {i}: 'params' must list the indices of its "
+                                 f"{len(mine['params'])} parameters, got {ids!r}")
+            missing = sorted(k for k in self.defaults if k not in g)
+            if missing:
+                raise ValueError(f"{where}: parameter group {i} lacks {missing}")
+            try:
+                self._check_group(g)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}: parameter group {i}: {exc}") from None
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in groups for i in g["params"]]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: a parameter index appears twice in 'param_groups'")
+        if len(ids) != len(params):
+            raise ValueError(f"{where}: the state has {len(ids)} parameters, the optimizer "
+                             f"{len(params)}")
+        index = dict(zip(ids, params))
+        for key, st in state.items():
+            if key not in index or not isinstance(st, Mapping):
+                raise ValueError(f"{where}: state entry {key!r} belongs to no parameter")
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                continue
+            p = index[key]
+            if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape):
+                got = list(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+                raise ValueError(f"{where}: momentum_buffer of parameter {key!r} is {got}, the "
+                                 f"parameter {list(p.shape)}")
+            if not buf.is_floating_point():
+                raise ValueError(f"{where}: momentum_buffer of parameter {key!r} has dtype "
+                                 f"{buf.dtype}, not a floating dtype")
 
     def report(self) -> str:
         """Which parameter gets which preconditioner (unpreconditioned ones get momentum SGD)."""

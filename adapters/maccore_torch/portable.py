@@ -154,7 +154,8 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
     where = "maccore_torch.load_portable"
     pre, optim = _split(opt, where)
     ckpt = ck.load(path)
-    target = {l.name: (l.spec.kind.value, l.spec.d_out, l.spec.d_tilde) for l in pre.layers}
+    target = {l.name: (l.spec.kind.value, l.spec.d_out, l.spec.d_tilde, l.bias is not None)
+              for l in pre.layers}
     entries = ckpt.select(target, method=pre.method, names=names, where=where)
     # build everything first, assign at the end: a failure leaves the optimizer as it was
     states, firsts, buffers = {}, {}, {}
@@ -215,4 +216,5 @@ def load_portable(opt: Any, path: Any, *, names: Mapping[str, str] | None = None
         else:
             st["momentum_buffer"] = buf
     pre._discard()
+    pre.consecutive_skips = 0
     pre.t = ckpt.step

@@ -78,7 +78,7 @@ class SINGDPreconditioner(HookedPreconditioner):
         preconditioner_dtype: ``(dtype_K, dtype_C)``; ``None`` = the parameter dtype.
         init_grad_scale: accepted for compatibility with ``singd`` (not needed, see module docstring).
         normalize_lr_cov: ``s = ½(1 − α1)`` and β1 divided by ``max(1, max|m|)``.
-        params, skip_layers, grad_scaler, on_nonfinite, process_group: as
+        params, skip_layers, grad_scaler, on_nonfinite, process_group, warn_after, reset_after: as
             :class:`maccore_torch.KFACPreconditioner`.
     """
 
@@ -106,6 +106,9 @@ class SINGDPreconditioner(HookedPreconditioner):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be a positive integer, got {T!r}")
@@ -139,7 +142,8 @@ class SINGDPreconditioner(HookedPreconditioner):
         self.init_grad_scale = float(init_grad_scale)
         self.alpha1 = 0.0 if kfac_like else float(alpha1)
         super().__init__(model, curvature, t_cov=T, t_inv=T, params=params, skip_layers=skip_layers,
-                         grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group)
+                         grad_scaler=grad_scaler, on_nonfinite=on_nonfinite, process_group=process_group, strict=strict,
+                         warn_after=warn_after, reset_after=reset_after)
 
     def current_lr_cov(self) -> float:
         """β1 at the current step (``lr_cov(t)`` for a schedule)."""
@@ -203,6 +207,9 @@ class SINGD(CurvatureOptimizer):
         grad_scaler: Any = None,
         on_nonfinite: str | None = "skip",
         process_group: Any = None,
+        strict: bool = False,
+        warn_after: int | None = 10,
+        reset_after: int | None = None,
     ):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False,
                         weight_decay_mode="coupled")
@@ -212,7 +219,8 @@ class SINGD(CurvatureOptimizer):
             loss_average=loss_average, reduction_factor=reduction_factor,
             preconditioner_dtype=preconditioner_dtype, init_grad_scale=init_grad_scale,
             normalize_lr_cov=normalize_lr_cov, skip_layers=skip_layers, grad_scaler=grad_scaler,
-            on_nonfinite=on_nonfinite, process_group=process_group,
+            on_nonfinite=on_nonfinite, process_group=process_group, strict=strict,
+            warn_after=warn_after, reset_after=reset_after,
         )
         super().__init__(model, params, defaults, make)
         if warn_unsupported:

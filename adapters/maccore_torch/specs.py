@@ -13,7 +13,14 @@ recognised by type in :func:`discover_layers` (its ``in_proj`` as a fused qkv pr
                                  has_bias=module.bias is not None, name=name)
 
 (the module must hold ``weight`` ``[d_out, ...]`` and optional ``bias`` and compute
-``x @ weight.T + bias`` resp. a zero-padded NCHW convolution).
+``x @ weight.T + bias`` resp. a zero-padded NCHW convolution). A module storing its weight
+TRANSPOSED (``[d_in, d_out]``, computing ``x @ weight + bias``, e.g. ``transformers``'
+``Conv1D``, registered here automatically) also registers ``weight_layout`` returning
+``"in_out"``: the driver then hands the core ``weight.grad.T`` (a view; no formula changes).
+
+Coverage (:func:`coverage`): every trainable parameter that no layer claims is listed with the
+reason it is skipped; a parameter that LOOKS like a linear map (a weight of rank >= 2 in a module
+type without a rule) is "suspicious": a warning by default, an error with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from torch import nn
 from maccore import ConvSpec, LayerKind, LayerSpec, QkvSpec
 from maccore.engine import with_first_layer
 
-__all__ = ["UnsupportedLayerError", "layer_spec", "discover_layers"]
+__all__ = ["Skipped", "UnsupportedLayerError", "coverage", "discover_layers", "layer_spec",
+           "weight_layout"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -52,6 +60,34 @@ def _linear_spec(module: nn.Linear, name: str = "") -> LayerSpec | None:
         return None
     return LayerSpec(LayerKind.LINEAR, module.in_features, module.out_features,
                      module.bias is not None, name=name)
+
+
+@functools.singledispatch
+def weight_layout(module: nn.Module) -> str:
+    """How ``module.weight`` is stored: ``"out_in"`` (``[d_out, d_in, ...]``, the torch default)
+    or ``"in_out"`` (``[d_in, d_out]``, computing ``x @ weight``)."""
+    return "out_in"
+
+
+def _conv1d_spec(module: nn.Module, name: str = "") -> LayerSpec | None:
+    """``transformers.pytorch_utils.Conv1D``: a dense layer ``x @ weight + bias``, weight
+    ``[nx, nf]`` = ``[d_in, d_out]`` (transposed w.r.t. ``nn.Linear``)."""
+    d_in, d_out = (int(s) for s in module.weight.shape)
+    return LayerSpec(LayerKind.LINEAR, d_in, d_out, getattr(module, "bias", None) is not None,
+                     name=name)
+
+
+# Third-party types registered the first time discovery meets them (no import of their package).
+_LAZY_TYPES = {("transformers.pytorch_utils", "Conv1D"): (_conv1d_spec, "in_out")}
+
+
+def _register_lazy(cls: type) -> None:
+    for klass in cls.__mro__:
+        entry = _LAZY_TYPES.get((klass.__module__, klass.__name__))
+        if entry is not None and klass not in layer_spec.registry:
+            spec_fn, layout = entry
+            layer_spec.register(klass)(spec_fn)
+            weight_layout.register(klass)(lambda module, _layout=layout: _layout)
 
 
 @layer_spec.register(nn.Conv2d)
@@ -91,6 +127,8 @@ class Layer:
     specs: dict  # id(module) -> LayerSpec (tied modules may differ in conv geometry)
     weight: nn.Parameter
     bias: nn.Parameter | None
+    transposed: bool = False  # weight stored [d_in, d_out] (weight_layout "in_out")
+    tied: list = field(default_factory=list)  # names of other modules (embeddings) sharing the weight
     state: Any = None  # the layer's state of the preconditioner's maccore.engine.CurvatureMethod
     updates: int = 0  # number of statistics folds (Python mirror of the EMA count: no device sync)
     acc: dict = field(default_factory=dict)  # {key: maccore.engine.Stat} of this step's forwards
@@ -173,6 +211,9 @@ def discover_layers(
             raise ValueError(f"{kind}: no submodule named {unknown} in the model")
     layers: list[Layer] = []
     consumed: set[int] = set()
+    for _, m in named:
+        if _LAZY_TYPES:
+            _register_lazy(type(m))
     for name, m in named:
         if id(m) in consumed:
             continue
@@ -184,9 +225,10 @@ def discover_layers(
         if name in skip:
             continue
         if name in attention:
-            if not isinstance(m, nn.Linear):
-                raise ValueError(f"attention[{name!r}]: expected an nn.Linear, got {type(m).__name__}")
             spec = layer_spec(m, name)
+            if spec is None or spec.kind is not LayerKind.LINEAR:
+                raise ValueError(f"attention[{name!r}]: expected a dense layer (nn.Linear, Conv1D or a "
+                                 f"type registered with layer_spec), got {type(m).__name__}")
             qkv = attention[name]
             if spec.d_out % (3 * qkv.num_heads):
                 raise ValueError(
@@ -194,13 +236,14 @@ def discover_layers(
                     f"3 * num_heads = {3 * qkv.num_heads}"
                 )
             layers.append(Layer(name, "qkv", [m], {id(m): dataclasses.replace(spec, qkv=qkv)},
-                                m.weight, m.bias))
+                                m.weight, getattr(m, "bias", None),
+                                transposed=weight_layout(m) == "in_out"))
             continue
         spec = layer_spec(m, name)
         if spec is None:
             continue
         layers.append(Layer(name, spec.kind.value, [m], {id(m): spec}, m.weight,
-                            getattr(m, "bias", None)))
+                            getattr(m, "bias", None), transposed=weight_layout(m) == "in_out"))
     layers = _filter_params(layers, param_ids)
     layers = _merge_tied(layers)
     _check_foreign_ties(model, layers)
@@ -208,18 +251,15 @@ def discover_layers(
 
 
 def _filter_params(layers: list[Layer], param_ids: set[int] | None) -> list[Layer]:
+    """Layers whose weight is optimised. A layer whose weight is frozen / not optimised while its
+    bias is (bias-only fine-tuning) is left out: :func:`coverage` lists its bias as skipped. A
+    trainable weight with a frozen bias is preconditioned with the bias column (its gradient is
+    simply not used)."""
     out = []
     for layer in layers:
-        params = [p for p in (layer.weight, layer.bias) if p is not None]
-        inside = [param_ids is None or id(p) in param_ids for p in params]
-        inside = [i and p.requires_grad for i, p in zip(inside, params)]
-        if all(inside):
+        w = layer.weight
+        if (param_ids is None or id(w) in param_ids) and w.requires_grad:
             out.append(layer)
-        elif any(inside):
-            raise ValueError(
-                f"{layer.name}: only part of the layer's parameters (weight, bias) are optimised / "
-                f"require grad; put both or neither in the optimizer, or skip the layer"
-            )
     return out
 
 
@@ -251,6 +291,11 @@ def _merge_tied(layers: list[Layer]) -> list[Layer]:
     return out
 
 
+def _module_names(model: nn.Module, layer: Layer) -> list[str]:
+    ids = {id(m) for m in layer.modules}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
 def _check_foreign_ties(model: nn.Module, layers: list[Layer]) -> None:
     claimed = {id(p): l for l in layers for p in (l.weight, l.bias) if p is not None}
     owners_ok = {id(m) for l in layers for m in l.modules}
@@ -263,9 +308,70 @@ def _check_foreign_ties(model: nn.Module, layers: list[Layer]) -> None:
         for pname, p in m.named_parameters(recurse=False):
             if id(p) in claimed:
                 layer = claimed[id(p)]
+                if (isinstance(m, nn.Embedding) and layer.role == "linear" and p is layer.weight
+                        and not layer.transposed):
+                    # tied embedding <-> output head: the head is preconditioned as a linear layer
+                    # on its input and its factors precondition the SUMMED gradient (both uses)
+                    layer.tied.append(name or type(m).__name__)
+                    continue
+                if any(n.startswith(name + ".") or not name for n in _module_names(model, layer)):
+                    continue  # an ancestor re-registering a child's parameter (BERT's head bias)
                 raise ValueError(
                     f"parameter {name + '.' + pname if name else pname} of {type(m).__name__} is tied to "
                     f"layer {layer.name}: its gradient sums both uses but the statistics would see only "
                     f"one, so tied parameters across different module kinds are rejected."
                     f"{_skip_hint(layer.name.split('+')[0])}"
                 )
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A trainable parameter no preconditioner handles, and why."""
+
+    parameter: str
+    shape: tuple
+    module: str
+    reason: str
+    suspicious: bool = False  # looks like a linear map (rank >= 2) of a type without a rule
+
+
+_NOT_LINEAR = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+               nn.modules.batchnorm._NormBase)
+
+
+def coverage(model: nn.Module, layers: list[Layer], params: Iterable[torch.Tensor] | None = None,
+             *, skip: Iterable[str] | None = None, other: Mapping[str, str] | None = None
+             ) -> list[Skipped]:
+    """Every parameter of ``params`` (default: the model's trainable ones) that no layer of
+    ``layers`` claims, with the reason. ``skip``: module names the user skipped; ``other``:
+    ``{module name: reason}`` for layers discovered but not handled by the method."""
+    skip, other = set(skip or ()), dict(other or {})
+    claimed = {id(p) for l in layers for p in (l.weight, l.bias) if p is not None}
+    plist = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    wanted = {id(p) for p in plist if p.requires_grad and id(p) not in claimed}
+    out, seen = [], set()
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) not in wanted or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mname}.{pname}" if mname else pname
+            suspicious = False
+            inside = [k for k in skip if mname == k or mname.startswith(k + ".")]
+            if inside:
+                reason = f"skip_layers[{inside[0]!r}]"
+            elif mname in other:
+                reason = other[mname]
+            elif pname == "bias" and getattr(m, "weight", None) is not None and layer_spec(m, mname) is not None:
+                reason = "bias of a layer whose weight is frozen / not optimised"
+            elif isinstance(m, _NOT_LINEAR):
+                reason = f"{type(m).__name__}: not a linear map of the layer input"
+            elif p.ndim >= 2:
+                suspicious = True
+                reason = (f"{type(m).__name__} holds a {p.ndim}-D parameter {list(p.shape)} that looks "
+                          f"like a linear map but has no layer_spec rule: register the type with "
+                          f"maccore_torch.layer_spec, or pass skip_layers=[{mname!r}]")
+            else:
+                reason = f"{p.ndim}-D parameter of {type(m).__name__} (scale/shift)"
+            out.append(Skipped(full, tuple(p.shape), mname, reason, suspicious))
+    return out

@@ -19,7 +19,8 @@ oracles are pure NumPy float64 (no autodiff); see ``docs/verify.md`` for a worke
 - :mod:`maccore.testing.convert`: curvlinops / BackPACK / kfac-jax layouts and scalings → maccore's.
 - :mod:`maccore.testing.strategies`: Hypothesis strategies (layers, conv geometries, batches with
   ``R ≠ 1``, dampings, ill-conditioned activations); needs ``hypothesis`` only when used.
-- :mod:`maccore.testing.conformance`: the cross-backend checks behind ``python -m maccore verify``.
+- :mod:`maccore.testing.conformance`: the cross-backend checks behind ``python -m maccore verify``;
+  :mod:`maccore.testing.adapters_check`: the adapter checks behind ``verify --adapters``.
 
 Model-level references (every Linear / Conv2d block of a torch module or a Flax model, by
 autodiff in float64) live in the adapters: ``maccore_torch.testing.curvature_blocks`` and
@@ -96,7 +97,7 @@ __all__ = [
     "to_numpy",
 ]
 
-_SUBMODULES = ("conformance", "convert", "strategies", "against")
+_SUBMODULES = ("conformance", "convert", "strategies", "against", "adapters_check")
 
 
 def __getattr__(name: str) -> Any:

@@ -647,7 +647,9 @@ def test_tied_linear_layers_pool_rows():
     torch.testing.assert_close(grad_mat_of(model.a), G @ mac_dense(rows.mean(0), 1.0))
 
 
-def test_tied_to_unsupported_module_rejected():
+def test_tied_embedding_head_preconditioned_as_linear():
+    """issue #13: an embedding tied to a Linear head: the head is preconditioned as a linear layer
+    on its input (its factors precondition the summed gradient); report() says so."""
     class LM(nn.Module):
         def __init__(self):
             super().__init__()
@@ -655,10 +657,27 @@ def test_tied_to_unsupported_module_rejected():
             self.head = nn.Linear(4, 10, bias=False)
             self.head.weight = self.emb.weight
 
-    with pytest.raises(ValueError, match="tied to layer head"):
-        mt.MAC(LM())
-    opt = mt.MAC(LM(), skip_layers=["head"])
+    opt = mt.MAC(LM())
+    assert [(l.name, l.tied) for l in opt.preconditioner.layers] == [("head", ["emb"])]
+    assert "tied to emb: summed gradient" in opt.report()
+    with pytest.warns(UserWarning, match="0 preconditioned layers"):
+        opt = mt.MAC(LM(), skip_layers=["head"])
     assert opt.preconditioner.layers == []
+    assert "skip_layers" not in opt.report()  # the tied weight is named emb.weight: an Embedding
+    assert "emb.weight" in opt.report()
+
+
+def test_tied_to_other_module_kind_rejected():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.c = nn.Bilinear(4, 4, 4)
+            self.c.weight = nn.Parameter(torch.zeros(4, 4, 4))
+            self.c.bias = self.a.bias
+
+    with pytest.raises(ValueError, match="tied to layer a"):
+        mt.MAC(Odd())
 
 
 def test_report_lists_every_parameter():

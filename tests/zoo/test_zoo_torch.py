@@ -1,0 +1,133 @@
+"""Hugging Face GPT-2 / Llama / BERT (tiny configs) × MAC / KFAC / SINGD: the preconditioned and
+skipped layers, attention declared where the model has a fused qkv projection, the loss decreases
+over 20 steps, and the adapter's update equals the core function on captured arrays."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import maccore
+import maccore_torch as mt
+
+from tests.zoo.conftest import TORCHVISION_BROKEN
+
+STEPS = 20
+
+
+def _gpt2(tr):
+    cfg = tr.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return tr.GPT2LMHeadModel(cfg)
+
+
+def _llama(tr):
+    cfg = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return tr.LlamaForCausalLM(cfg)
+
+
+def _bert(tr):
+    cfg = tr.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return tr.BertForMaskedLM(cfg)
+
+
+MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}
+# (number of preconditioned layers, layer names that must be there, skipped parameter names)
+EXPECT = {
+    "gpt2": (9, {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"},
+             {"transformer.wpe.weight", "transformer.ln_f.weight"}),
+    "llama": (15, {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"},
+              {"model.embed_tokens.weight", "model.norm.weight"}),
+    "bert": (14, {"bert.encoder.layer.0.attention.self.query", "cls.predictions.transform.dense"},
+             {"bert.embeddings.position_embeddings.weight", "bert.embeddings.LayerNorm.weight"}),
+}
+
+
+def _make(name, tr):
+    torch.manual_seed(0)
+    model = MODELS[name](tr)
+    model.train()
+    return model
+
+
+def _opt(kind, model, name):
+    att = None
+    if name == "gpt2" and kind == "mac":
+        att = {f"transformer.h.{i}.attn.c_attn": mt.QKV(num_heads=4, causal=True) for i in range(2)}
+    if kind == "mac":
+        return mt.MAC(model, lr=0.05, attention=att)
+    if kind == "kfac":
+        return mt.KFAC(model, lr=0.05, damping=0.1)  # issue #13 item 5: defaults not yet tuned
+    return mt.SINGD(model, lr=0.05)
+
+
+_KFAC = pytest.param("kfac", marks=[pytest.mark.slow, pytest.mark.xfail(
+    reason="issue #13 item 5 open: KFAC has no update-size control (KL clipping) yet and diverges "
+           "on the transformers", strict=False)])
+_LLAMA = pytest.param("llama", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("kind", ["mac", _KFAC, "singd"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", _LLAMA])
+def test_zoo_trains_and_reports(transformers, name, kind):
+    model = _make(name, transformers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # SINGD's note on unsupported parameters
+        opt = _opt(kind, model, name)
+    layers = {l.name for l in opt.preconditioner.layers}
+    n, must, skipped = EXPECT[name]
+    assert len(layers) == n and must <= layers, sorted(layers)
+    assert skipped <= {s.parameter for s in opt.preconditioner.skipped}
+    assert not [s for s in opt.preconditioner.skipped if s.suspicious]
+    if name == "gpt2" and kind == "mac":
+        assert sum(l.role == "qkv" for l in opt.preconditioner.layers) == 2
+    if name in ("gpt2", "llama") and kind != "kfac":
+        head = next(l for l in opt.preconditioner.layers if l.name == "lm_head")
+        assert head.tied or name == "llama"
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (4, 12), generator=g)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_gpt2_conv1d_update_equals_core(transformers):
+    """The MAC update of a Conv1D (weight [in, out]) equals maccore.mac_apply on captured rows."""
+    model = _make("gpt2", transformers)
+    pre = mt.MACPreconditioner(model, t_cov=1, t_inv=1)
+    mod = model.transformer.h[0].mlp.c_fc
+    seen = []
+    h = mod.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    ids = torch.randint(1, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    h.remove()
+    G = maccore.grad_matrix(mod.weight.grad.T.clone(), mod.bias.grad.clone())
+    want = maccore.mac_apply(G, maccore.mean_activation(maccore.linear_rows(seen[0], bias=True)), 1.0)
+    pre.step()
+    torch.testing.assert_close(mod.weight.grad, want[:, :-1].T)
+
+
+def test_timm_skipped_reason():
+    if TORCHVISION_BROKEN:
+        pytest.skip(f"timm needs a torchvision matching the pinned torch: {TORCHVISION_BROKEN}")
+    pytest.importorskip("timm")
+    pytest.skip("timm cases not written yet (issue #13)")
+
+
+def test_tied_head_report(transformers):
+    model = _make("gpt2", transformers)
+    rep = mt.MAC(model).report()
+    assert "tied to transformer.wte: summed gradient" in rep
+    assert isinstance(model.lm_head, nn.Linear)
