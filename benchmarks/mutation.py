@@ -242,6 +242,8 @@ def _message_difference(a, b, parents, msgvars) -> bool:
         pos = parents[-1].elts.index(a)
         t = parents[-3].target.elts
         return pos < len(t) and isinstance(t[pos], ast.Name) and t[pos].id in msgvars
+    if isinstance(a, (ast.boolop, ast.cmpop, ast.operator, ast.unaryop)):  # an operator inside a
+        return any(_in_message(parents[:k + 1]) for k in range(1, len(parents)))  # label expression
     if not (label(a) and label(b)) or parent is None:
         return False
     if isinstance(parent, ast.arguments):  # the default value of a label parameter
@@ -338,8 +340,9 @@ def prepare(module: str, workdir: Path, source: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
     shutil.copytree(source / "maccore", d / "maccore", ignore=ignore)
     (d / "tests").mkdir()
-    for f in ("__init__.py", "conftest.py"):
-        shutil.copy2(source / "tests" / f, d / "tests" / f)
+    for f in (source / "tests").glob("*.py"):  # conftest.py and the helpers it imports
+        if not f.name.startswith("test_"):
+            shutil.copy2(f, d / "tests" / f.name)
     shutil.copytree(source / "tests" / "core", d / "tests" / "core", ignore=ignore)
     text = (source / "pyproject.toml").read_text()
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)

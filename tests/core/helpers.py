@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+
 import array_api_compat as compat
 import numpy as np
 from hypothesis import strategies as st
@@ -71,26 +75,46 @@ def examples_for(xp, div: int = 1) -> int:
     return max(2, n)
 
 
-def xgiven(_div: int = 1, **strategies):
-    """``@given`` for tests over the ``xp``/``dtype`` fixtures with a per-backend example budget.
+def _seed_of(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
-    The decorated function has signature ``f(xp, dtype, **drawn)``; pytest sees ``test(xp, dtype)``.
+
+def run_given(xp, f, *, name: str, div: int = 1, **strategies) -> None:
+    """Run ``f(**drawn)`` under ``@given(**strategies)`` with the per-backend example budget
+    (:func:`examples_for`). ``name`` identifies the test: under a derandomised profile (CI) it
+    seeds the examples through the public ``hypothesis.seed``, so tests sharing one wrapper still
+    draw their own examples."""
+    from hypothesis import given, seed, settings
+
+    test = settings(max_examples=examples_for(xp, div))(given(**strategies)(f))
+    if settings.default.derandomize:
+        test = seed(_seed_of(name))(test)
+    test()
+
+
+def xgiven(_div: int = 1, **strategies):
+    """``@given(**strategies)`` for pytest tests that take the ``xp`` fixture (and any other
+    fixtures or parameters), with the per-backend example budget of :func:`run_given`.
+
+    The decorated function ``f(xp, ..., **drawn)`` is run by Hypothesis inside the test; pytest
+    sees the signature of ``f`` without the drawn arguments.
     """
-    from hypothesis import given, settings
 
     def deco(f):
-        def test(xp, dtype):
+        sig = inspect.signature(f)
+        name = f"{f.__module__}.{f.__qualname__}"
+
+        @functools.wraps(f)
+        def test(**kwargs):
             def inner(**drawn):
-                f(xp, dtype, **drawn)
+                f(**kwargs, **drawn)
 
             inner.__name__ = inner.__qualname__ = f.__name__
-            # hypothesis derives the derandomised seed from the source: make it per-test
-            inner._hypothesis_internal_add_digest = f.__qualname__.encode()
-            settings(max_examples=examples_for(xp, _div))(given(**strategies)(inner))()
+            run_given(kwargs["xp"], inner, name=name, div=_div, **strategies)
 
-        test.__name__ = test.__qualname__ = f.__name__
-        test.__doc__ = f.__doc__
-        test.__module__ = f.__module__
+        test.__signature__ = sig.replace(
+            parameters=[p for n, p in sig.parameters.items() if n not in strategies])
+        del test.__wrapped__  # pytest reads the signature above, not f's
         return test
 
     return deco

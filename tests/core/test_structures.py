@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from array_api_compat import is_jax_namespace
-from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from maccore import structures
 from maccore.structures import toeplitz
 from tests.conftest import asarray, assert_close, to_numpy, tol
+from tests.core.helpers import xgiven
 
 # (name, options) covering all ten classes (+ degenerate block/hierarchy sizes via random d)
 SPECS: list[tuple[str, dict]] = [
@@ -163,13 +163,6 @@ def run(xp, key, fn, *args):
     return _JITTED[key](*args)
 
 
-def skip_jax_float32(xp, dtype):
-    """JAX compiles every (structure, shape, dtype) (slowly on CPU): its float32 runs are skipped in
-    the hypothesis tests; dtype preservation under JAX is checked in bf16 for every class."""
-    if is_jax_namespace(xp) and dtype == xp.float32:
-        pytest.skip("JAX float32: see test_bfloat16_parameters (XLA compile time)")
-
-
 def dims_for(xp):
     """All degenerate sizes on eager backends; one size on JAX (XLA compiles per shape, slowly)."""
     return st.just(8) if is_jax_namespace(xp) else st.sampled_from(DIMS)
@@ -193,9 +186,8 @@ def sym_matrix(d: int):
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
-@given(data=st.data())
+@xgiven(data=st.data())
 def test_projection_matches_oracle(xp, dtype, name, opts, data):
-    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     S = data.draw(sym_matrix(d), label="S")
     T = stype(name, opts)
@@ -214,9 +206,8 @@ def test_projection_matches_oracle(xp, dtype, name, opts, data):
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
-@given(data=st.data(), seed=seeds)
+@xgiven(data=st.data(), seed=seeds)
 def test_roundtrip_and_identity(xp, dtype, name, opts, data, seed):
-    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     rng = np.random.default_rng(seed)
     M = random_member(name, opts, d, rng, sym=True)
@@ -266,9 +257,8 @@ def _products(K, M, X):
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
-@given(data=st.data(), seed=seeds)
+@xgiven(data=st.data(), seed=seeds)
 def test_products_against_dense(xp, dtype, name, opts, data, seed):
-    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     n = data.draw(ncols_for(xp), label="n")
     rng = np.random.default_rng(seed)
@@ -315,9 +305,8 @@ def _scalars(K, M, c):
 
 
 @pytest.mark.parametrize(("name", "opts"), SPECS, ids=SPEC_IDS)
-@given(data=st.data(), seed=seeds, c=st.floats(-3, 3))
+@xgiven(data=st.data(), seed=seeds, c=st.floats(-3, 3))
 def test_scalar_operations(xp, dtype, name, opts, data, seed, c):
-    skip_jax_float32(xp, dtype)
     d = data.draw(dims_for(xp), label="d")
     rng = np.random.default_rng(seed)
     K = random_structure(xp, dtype, name, opts, d, rng)
@@ -362,9 +351,8 @@ def _toeplitz_ops(K, M, X):
 
 @pytest.mark.parametrize("name", ["tril_toeplitz", "triu_toeplitz"])
 @pytest.mark.parametrize("fft_min_dim", [1, 10**9], ids=["fft", "dense"])
-@given(data=st.data(), seed=seeds)
+@xgiven(data=st.data(), seed=seeds)
 def test_toeplitz_paths(xp, dtype, name, fft_min_dim, data, seed, monkeypatch):
-    skip_jax_float32(xp, dtype)
     monkeypatch.setattr(toeplitz, "FFT_MIN_DIM", fft_min_dim)
     d = data.draw(st.just(33) if is_jax_namespace(xp) else st.sampled_from((1, 2, 7, 33)))
     n = data.draw(ncols_for(xp))
