@@ -202,8 +202,10 @@ def message_variables(func: ast.FunctionDef) -> set[str]:
 def _message_difference(a, b, parents, msgvars) -> bool:
     parent = parents[-1] if parents else None
 
-    def label(n):
-        return _stringish(n) or (isinstance(n, ast.Name) and n.id in msgvars)
+    def label(n):  # message text: a string, a message variable, or text chosen without calls
+        return _stringish(n) or (isinstance(n, ast.Name) and n.id in msgvars) or (
+            isinstance(n, (ast.BoolOp, ast.IfExp, ast.JoinedStr))
+            and all(isinstance(m, _HARMLESS + (ast.Attribute,)) for m in ast.walk(n)))
 
     if isinstance(a, list) and a and all(isinstance(k, ast.keyword) for k in a + b):
         kept = {ast.dump(k) for k in b}  # a `where=` / `name=` label dropped (all have defaults)
@@ -231,7 +233,7 @@ def _message_difference(a, b, parents, msgvars) -> bool:
         return False
     # inside the value of `var = ...` with var a message variable, computed harmlessly
     for k, p in enumerate(parents):
-        if isinstance(p, ast.Assign) and k + 1 < len(parents) and parents[k + 1] is p.value:
+        if isinstance(p, ast.Assign) and (parents[k + 1] if k + 1 < len(parents) else a) is p.value:
             if all(isinstance(t, ast.Name) and t.id in msgvars for t in p.targets) and isinstance(
                     b, ast.AST) and all(isinstance(n, _HARMLESS) for n in ast.walk(b)):
                 return True
@@ -242,8 +244,10 @@ def _message_difference(a, b, parents, msgvars) -> bool:
         pos = parents[-1].elts.index(a)
         t = parents[-3].target.elts
         return pos < len(t) and isinstance(t[pos], ast.Name) and t[pos].id in msgvars
-    if isinstance(a, (ast.boolop, ast.cmpop, ast.operator, ast.unaryop)):  # an operator inside a
-        return any(_in_message(parents[:k + 1]) for k in range(1, len(parents)))  # label expression
+    if isinstance(a, (ast.boolop, ast.cmpop, ast.operator, ast.unaryop)) or (
+            _stringish(a) and _stringish(b) and isinstance(parent, (ast.BoolOp, ast.IfExp))):
+        # an operator or a text inside a label expression (`spec.name or "linear layer"`)
+        return any(_in_message(parents[:k + 1]) for k in range(1, len(parents)))
     if not (label(a) and label(b)) or parent is None:
         return False
     if isinstance(parent, ast.arguments):  # the default value of a label parameter

@@ -12,6 +12,7 @@ JAX is left out here: eager XLA compiles every new shape (the same code paths ru
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -220,6 +221,8 @@ def test_mac_apply_out_checked(xp):
         mc.mac_apply(g[:, :3], a, 1.0, grad_bias=g[:, 3], out=g)
     with pytest.raises(ValueError, match="'out' must have the shape and dtype"):
         mc.mac_apply(g, a, 1.0, out=object())
+    with pytest.raises(ValueError, match="'out' must have the shape and dtype"):
+        mc.mac_apply(g, a, 1.0, out=types.SimpleNamespace(shape=(3, 4)))
     if "array_api_strict" in xp.__name__:
         with pytest.raises(TypeError, match="immutable"):
             mc.mac_apply(g, a, 1.0, out=xp.zeros((3, 4), dtype=xp.float32))
@@ -256,6 +259,8 @@ def test_mac_to_dense_every_option(xp, dtype, scale, smac, heads):
     lam, d_out, d_t = 0.4, 4, 3
     pc = mc.mac(decay=0.0, damping=lam, scale=scale, diagonal=smac)
     s = pc.init(d_t, d_out, xp=xp, heads=heads, dtype=dtype)
+    for leaf in (s.mean.value, s.mean.weight, s.mean_hat) + ((s.diag.value, s.diag_hat) if smac else ()):
+        assert_like(leaf, s.mean.value, dtype=dtype)
     shape = (d_t,) if heads is None else (heads, d_t)
     m_np, m = rand(xp, dtype, rng, *shape, shift=0.5)
     gr_np, gr = rand(xp, dtype, rng, 7, d_out)
@@ -299,6 +304,10 @@ def test_mac_to_dense_with_first_layer_inverse(xp, dtype, smac):
     dense = method.curvature_dense(spec, st)
     assert dense.dtype == st.mean_hat.dtype
     assert_close(dense, np.kron(np.diag(z), A + lam * np.eye(d_t)), **tol(xp, dtype, 4))
+    g_np, g = rand(xp, dtype, rng, d_out, d_t)
+    out = method.apply(spec, st, g)
+    assert_like(out, g)
+    assert_close(out, g_np @ np.linalg.inv(A + lam * np.eye(d_t)) / z[:, None], **tol(xp, dtype, 4))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -453,6 +462,8 @@ def test_mixed_namespaces_and_missing_arrays_raise(xp):
         lambda: mc.ema_update(e, None, decay=0.5), lambda: mc.ema_update(e._replace(value=None), a, decay=0.5),
         lambda: mc.ema_debiased(e._replace(value=None), decay=0.5),
         lambda: ema_weight(e._replace(value=None, weight=None), decay=0.5),
+        lambda: pc.update(s._replace(a=s.a._replace(value=None)), A=xp.eye(3), G=G),
+        lambda: pc.apply(s, None),
     ]
     for i, f in enumerate(mixed):
         with pytest.raises(TypeError, match="mixed namespaces") as err:
@@ -470,10 +481,38 @@ def test_mixed_namespaces_and_missing_arrays_raise(xp):
             mc.attention_probs(q, k)
     with pytest.raises(TypeError, match="must be an array"):
         mc.attention_weighted_mean(None, xp.ones((1, 1, 2, 2)), bias=True)
+    for f in (lambda: mc.mean_activation(None), lambda: mc.gradient_diagonal(None),
+              lambda: mc.split_qkv(None, 2), lambda: mc.attention_probs(None, q)):
+        with pytest.raises(TypeError, match="must be an array, got None"):
+            f()
+    for n in (2.0, True, 0):
+        with pytest.raises(ValueError, match="num_heads must be a positive integer"):
+            mc.split_qkv(xp.ones((1, 2, 6)), n)
+    for attn in (xp.ones((1, 1, 3, 2)), xp.ones((1, 1, 2, 3)), xp.ones((2, 1, 2, 2))):
+        with pytest.raises(ValueError, match="'attn' of shape .* does not match 'x'"):
+            mc.attention_weighted_mean(xp.ones((1, 2, 3)), attn, bias=True)
+    st = mc.mac().init(3, xp=xp)
+    with pytest.raises(TypeError, match="mac.update: arrays from mixed namespaces"):
+        mc.mac().update(st, mean=oxp.ones((3,), dtype=oxp.float32))
+    with pytest.raises(ValueError, match=r"'q' \[1, 1, 2, 0\] has head dimension 0"):
+        mc.attention_probs(xp.ones((1, 1, 2, 0)), xp.ones((1, 1, 2, 0)))
+    for f in (lambda: mc.gradient_diagonal(g, reduction_factor=(1.0, 2.0)),
+              lambda: mc.mac(diagonal=True, diag_reduction_factor=(1.0, 2.0))):
+        with pytest.raises(TypeError, match="single positive number"):
+            f()
     with pytest.raises(ValueError, match="'grad_bias' of shape \\[3\\] must be \\[2\\]"):
         mc.mac_apply(g[:, :2], a, 1.0, grad_bias=xp.ones((3,)))
     with pytest.raises(ValueError, match="'inverse' of shape \\[2, 2\\] does not match"):
         mc.first_layer_apply(g, xp.eye(2), 1.0)
+
+
+@pytest.mark.parametrize("mode", ["tikhonov", "pi", "exact"])
+def test_damping_below_the_dtype_range(xp, mode):
+    """A damping that rounds to a subnormal in the computation's dtype is refused by the entry
+    point itself, in every mode (exact mode inverts no factor that would check it)."""
+    g, M = xp.ones((2, 3), dtype=xp.float32), xp.eye(3, dtype=xp.float32)
+    with pytest.raises(ValueError, match="kfac_apply: damping 1e-46 is below the smallest normal"):
+        mc.kfac_apply(g, M, xp.eye(2, dtype=xp.float32), 1e-46, mode=mode)
 
 
 def test_pair_dampings_only_where_meaningful():
@@ -580,6 +619,16 @@ def test_damped_inverse_retries_in_float64(xp):
     assert_close(inv, want, rtol=1e-5, atol=0, scale=1.0)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_damped_inverse_that_overflows_float32(xp):
+    """M + λI singular in float32 and invertible in float64 only with an inverse beyond float32's
+    range (an indefinite M; λ − |M| = 1e-40): a DecompositionError, not an infinite inverse."""
+    M = asarray(xp, np.array([[-1e-30]]), xp.float32)
+    lam = float(np.float32(1e-30)) + 1e-40
+    with pytest.raises(mc.DecompositionError, match="exists in float64 but overflows .*float32"):
+        mc.damped_inverse(M, lam)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_exact_mode_retries_the_eigendecomposition_in_float64(xp):
     """A factor whose symmetrisation overflows float32 is decomposed in float64."""
@@ -679,6 +728,9 @@ def test_conv_geometry_through_layer_spec(xp, k, stride, padding, dilation, dept
     assert_close(mc.to_rows(spec, x), rows_np, rtol=0, atol=0)
     assert_close(mc.to_rows(spec, x, reduce=True), rows_np.reshape(n, -1, rows_np.shape[1]).mean(1), **t)
     assert_close(engine.mean_rows(spec, x), rows_np.mean(0), **t)
+    x32 = xp.astype(x, xp.float32)
+    assert engine.mean_rows(spec, x32).dtype == xp.float32
+    assert engine.mean_rows(LAYERS["linear-bias"], x32[:, 0, :1, :3]).dtype == xp.float32
     assert engine.num_rows(spec, x) == rows_np.shape[0]
     g_np, g = rand(xp, xp.float64, rng, n, spec.d_out, oh, ow)
     assert_close(mc.to_grad_rows(spec, g), g_np.transpose(0, 2, 3, 1).reshape(-1, spec.d_out), rtol=0, atol=0)
@@ -721,8 +773,8 @@ def test_conv_arguments_checked_and_defaulted(xp):
     assert mc.conv2d_output_size([6, 7], (2, 3), padding="same") == (6, 7)
     assert normalize_padding("same", 3) == ((1, 1), (1, 1))
     assert normalize_padding("same", (2, 4)) == ((0, 1), (1, 2))
-    for bad in (dict(stride=0), dict(stride=(1, 0)), dict(dilation=0), dict(dilation=(0, 1)),
-                dict(kernel_size=0)):
+    for bad in (dict(stride=(1, 0)), dict(stride=(0, 1)), dict(dilation=(0, 1)), dict(dilation=(1, 0)),
+                dict(kernel_size=(0, 3)), dict(kernel_size=(3, 0))):
         kw = {"kernel_size": 3, **bad}
         with pytest.raises(ValueError, match="must be >= 1"):
             mc.conv2d_output_size((6, 7), kw.pop("kernel_size"), **kw)
@@ -766,9 +818,33 @@ def test_rows_argument_checks(xp):
     for ws in ((3,), (3, 0), (3, True), (3, 2.0), "ab", 6):
         with pytest.raises(ValueError, match="weight_shape must be a tuple of at least 2 positive ints"):
             mc.split_grad_matrix(xp.ones((3, 2)), ws, bias=False)
-    for bad in (dict(stride=(1, 0)), dict(stride=(0, 1)), dict(dilation=(1, 0)), dict(dilation=(0, 1))):
+    for bad in (dict(stride=(1, 0)), dict(stride=(0, 1)), dict(dilation=(1, 0)), dict(dilation=(0, 1)),
+                dict(kernel_size=(0, 2)), dict(kernel_size=(2, 0))):
+        kw = {"kernel_size": 2, **bad}
         with pytest.raises(ValueError, match="conv2d_rows: kernel_size, stride and dilation must be >= 1"):
-            mc.conv2d_rows(xp.ones((1, 1, 4, 4)), 2, bias=False, **bad)
+            mc.conv2d_rows(xp.ones((1, 1, 4, 4)), kw.pop("kernel_size"), bias=False, **kw)
+    with pytest.raises(ValueError, match=r"'grad_weight' of shape \[3, 0\] is empty"):
+        mc.grad_matrix(xp.ones((3, 0)))
+    for shape in ((1, 0, 4, 4), (1, 1, 0, 4), (1, 1, 4, 0)):
+        with pytest.raises(ValueError, match=r"conv2d_rows: argument 'x' of shape \[.*\] has an empty C, H or W"):
+            mc.conv2d_rows(xp.ones(shape), 1, bias=False)
+        with pytest.raises(ValueError, match="conv2d_grad_rows: argument 'g' .* has an empty C, H or W"):
+            mc.conv2d_grad_rows(xp.ones(shape))
+    with pytest.raises(ValueError, match=r"input feature size: expected 3, got -1 \(input shape \[\]\)"):
+        mc.to_rows(spec, xp.asarray(1.0))
+    assert mc.QkvSpec(num_heads=1).num_heads == 1
+    for mode in ("reference", "per_head", "off"):
+        assert mc.QkvSpec(num_heads=2, mode=mode, causal=True).mode == mode
+    with pytest.raises(ValueError, match="QkvSpec.mode must be"):
+        mc.QkvSpec(num_heads=2, mode="perhead")
+    for f in (lambda: mc.conv2d_rows(None, 3, bias=False), lambda: mc.conv2d_grad_rows(None),
+              lambda: mc.conv2d_mean_patch(None, 3, bias=False), lambda: mc.linear_rows(None, bias=False),
+              lambda: mc.grad_rows(None), lambda: mc.split_grad_matrix(None, (2, 2), bias=False)):
+        with pytest.raises(TypeError, match="must be an array, got None"):
+            f()
+    for n in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_heads must be >= 1"):
+            mc.QkvSpec(num_heads=n)
     empty = mc.linear_rows(xp.zeros((0, 3)), bias=False, reduce=True)
     assert tuple(empty.shape) == (0, 3)
     ints = mc.linear_rows(xp.ones((2, 3), dtype=xp.int32), bias=False, reduce=True)
@@ -834,16 +910,35 @@ def test_singd_configuration_checks(xp):
         pc.update(s, rows, grads, reduction_factor=1.0, lr_cov=xp.ones((2,), dtype=xp.float64))
     with pytest.raises(ValueError, match="grad_scale_correction must be positive"):
         pc.update(s, rows, grads, reduction_factor=1.0, grad_scale_correction=0.0)
+    for r, g, red in ((rows, None, 1.0), (None, grads, 1.0), (rows, grads, None)):
+        with pytest.raises(ValueError, match="pass rows, grad_rows and reduction_factor"):
+            pc.update(s, r, g, reduction_factor=red)
+    H = (s.K, s.C)
+    for r, g in ((rows, None), (None, grads), (rows, grads)):
+        with pytest.raises(ValueError, match="either rows/grad_rows or statistics"):
+            pc.update(s, r, g, statistics=H)
+    for bad in ((s.K,), (s.K, s.C, s.C), s.K):
+        with pytest.raises(ValueError, match="statistics must be a pair"):
+            pc.update(s, statistics=bad)
+    with pytest.raises(ValueError, match=r"'rows' must have shape \[R, 3\] \(R ≥ 1"):
+        pc.update(s, xp.zeros((0, 3), dtype=xp.float64), xp.zeros((0, 2), dtype=xp.float64),
+                  reduction_factor=1.0)
+    frozen = pc.update(s, rows, grads, reduction_factor=1.0, lr_cov=0.0)  # β = 0: the factors stay
+    assert_close(frozen.K.to_dense(), np.eye(3), rtol=0, atol=0)
     oxp = other_backend(xp)
     for r, g in ((oxp.ones((4, 3)), grads), (rows, oxp.ones((4, 2)))):
         with pytest.raises(TypeError, match="mixed namespaces"):
             pc.update(s, r, g, reduction_factor=1.0)
     with pytest.raises(TypeError, match="mixed namespaces"):
         pc.apply(s, oxp.ones((2, 3)))
-    mixed = s._replace(C=pc.init(3, 2, xp=oxp, dtype=oxp.float64).C)
-    for f in (lambda: pc.apply(mixed, xp.ones((2, 3), dtype=xp.float64)), lambda: pc.to_dense(mixed)):
-        with pytest.raises(TypeError, match="mixed namespaces"):
-            f()
+    other = pc.init(3, 2, xp=oxp, dtype=oxp.float64)
+    for mixed in (s._replace(C=other.C), s._replace(K=other.K)):
+        for f in (lambda: pc.apply(mixed, xp.ones((2, 3), dtype=xp.float64)), lambda: pc.to_dense(mixed)):
+            with pytest.raises(TypeError, match="mixed namespaces"):
+                f()
+    for bad in (dict(lr_cov=True), dict(damping=True), dict(alpha1=False), dict(lr_cov="0.1")):
+        with pytest.raises(TypeError, match="must be a real number"):
+            singd_factory(**bad)
 
 
 @pytest.mark.parametrize(("state_dt", "grad_dt"), [("float32", "float64"), ("float64", "float32")])
@@ -1065,7 +1160,7 @@ SINGD_OPTIONS = [(False, 0.5, False), (False, 0.0, True), (True, 0.0, False), (F
 
 @pytest.mark.parametrize("layer", ["linear-bias", "conv-bias"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-@pytest.mark.parametrize("loss_average", [None, "batch"])
+@pytest.mark.parametrize("loss_average", [None, "batch", "batch+sequence"])
 @pytest.mark.parametrize(("kfac_like", "alpha1", "normalize"), SINGD_OPTIONS,
                          ids=["ingd", "ingd-normalized", "ikfac", "ingd-momentum-normalized"])
 def test_engine_singd_every_option(xp, layer, approx, loss_average, kfac_like, alpha1, normalize):
@@ -1087,7 +1182,7 @@ def test_engine_singd_every_option(xp, layer, approx, loss_average, kfac_like, a
         pooled = engine.pool_stats(pooled, method.grad_statistics(spec, st, asarray(xp, g)))
         fin = method.finalize(spec, st, pooled)
         st = method.update(spec, st, {k: v for k, (v, w) in fin.items()}, lr_cov=0.3 if i else None)
-        R = 1.0 if loss_average is None else 1.0 / terms["batch"]
+        R = 1.0 if loss_average is None else 1.0 / terms[loss_average]
         ref.append((rows[approx], grows[approx], R))
     # the reference takes one lr_cov: its first step, then the second with the update's lr_cov
     K1, C1, mK, mC = ref_singd(ref[:1], sK="dense", sC="diagonal", alpha1=alpha1, lr_cov=0.1, damping=1e-2,
@@ -1124,6 +1219,28 @@ def _ref_second_step(batch, K, C, mK, mC, *, alpha1, kfac_like, normalize, lr_co
     return K @ (IK - bK * mK), C @ (IC - bC * mC)
 
 
+def test_engine_pooling_rules():
+    """Pooling a mean with a first batch of weight 0 gives the second; two empty batches give the
+    first; loss terms are whole numbers."""
+    a, b = engine.Stat(np.array([1.0, 3.0]), 0, "mean"), engine.Stat(np.array([4.0, 0.0]), 1, "mean")
+    np.testing.assert_array_equal(engine.pool(a, b).value, b.value)
+    assert engine.pool(a, b).weight == 1
+    empty = engine.pool(a, engine.Stat(np.array([4.0, 0.0]), 0, "mean"))
+    np.testing.assert_array_equal(empty.value, a.value)
+    spec = LAYERS["conv-bias"]
+    for avg in ("batch", "batch+sequence", None):
+        n = engine.loss_terms(spec, (3, 2, 4, 5), avg)
+        assert type(n) is int and n == (60 if avg == "batch+sequence" else 3)
+    n = engine.loss_terms(LAYERS["linear"], (3, 4, 2), "batch+sequence")
+    assert type(n) is int and n == 12
+    one = mc.LayerSpec(mc.LayerKind.LINEAR, 3, 1, False)
+    assert engine.loss_terms(one, (3, 4, 1), "batch+sequence") == 12
+    assert engine.loss_terms(mc.LayerSpec(mc.LayerKind.CONV2D, 9, 1, False, conv=mc.ConvSpec(3)),
+                             (3, 1, 4, 5), "batch+sequence") == 60
+    assert engine.reduction_factor(1, loss_average="batch") == 1.0
+    assert engine.reduction_factor(4, loss_average="batch+sequence") == 0.25
+
+
 def test_engine_names_hyperparameters_and_dtypes(xp):
     """The methods' names and hyperparameters (what adapters and checkpoints read), the state dtype
     for half/float32 parameters (float32 statistics) and float64 ones."""
@@ -1153,8 +1270,25 @@ def test_engine_names_hyperparameters_and_dtypes(xp):
         for method in (engine.mac_method(), engine.kfac_method()):
             st = method.init(spec, xp=xp, dtype=half)
             assert all(v.dtype == xp.float32 for v in method.templates(spec, st).values())
+    qkv, qkv_off = QKV["reference"], QKV["off"]
+    for method in (engine.kfac_method(), engine.singd_method()):
+        st = method.init(spec, xp=xp)
+        assert method.wants_input(spec, st) is True and method.wants_grads(spec) is True
+        assert method.wants_attention(qkv) is False and method.wants_attention(spec) is False
+    mac_, smac_ = engine.mac_method(), engine.mac_method(diagonal=True)
+    assert (mac_.wants_grads(spec), smac_.wants_grads(spec), smac_.wants_grads(qkv)) == (False, True, False)
+    assert (mac_.wants_attention(qkv), mac_.wants_attention(qkv_off), mac_.wants_attention(spec)) == (
+        True, False, False)
+    assert mac_.keys(spec, None) == ("mean",) and smac_.keys(spec, None) == ("mean", "diag")
     with pytest.raises(TypeError, match="single positive number"):
         engine.kfac_method(reduction_factor=(0.5, 0.5))
+    for make in (engine.kfac_method, engine.singd_method):
+        with pytest.raises(ValueError, match="loss_average must be one of"):
+            make(loss_average="tokens")
+    oxp = other_backend(xp)
+    mst = mac_.init(spec, xp=xp, dtype=xp.float64)
+    with pytest.raises(TypeError, match="apply_split: arrays from mixed namespaces"):
+        engine.apply_split(mac_, spec, mst, xp.ones((2, 3), dtype=xp.float64), oxp.ones((2,), dtype=oxp.float64))
     with pytest.raises(ValueError, match="does not have 3 features"):
         engine.mean_rows(spec, xp.ones((4, 2)))
     with pytest.raises(ValueError, match="does not have 3 features"):
@@ -1213,14 +1347,17 @@ def test_engine_loss_scale_and_missing_bias_gradient(xp, name):
     st = method.init(spec, xp=xp, dtype=xp.float64)
     x, g = (asarray(xp, a) for a in layer_data(spec, rng))
     for k, v in method.grad_statistics(spec, st, g).items():
-        assert_close(method.grad_statistics(spec, st, 8.0 * g, grad_scale=8.0)[k].value, to_numpy(v.value),
-                     **tol(xp, xp.float64))
-    st = run_steps(method, spec, xp, xp.float64, [tuple(to_numpy(a) for a in (x, g))])
-    gw = asarray(xp, rng.standard_normal((2, 3)))
-    w0, b0 = engine.apply_split(method, spec, st, gw, None)
-    w1, b1 = engine.apply_split(method, spec, st, gw, xp.zeros((2,), dtype=xp.float64))
-    assert_close(w0, to_numpy(w1), rtol=0, atol=0)
-    assert_close(b0, to_numpy(b1), rtol=0, atol=0)
+        for scale in (2.0, 8.0):
+            assert_close(method.grad_statistics(spec, st, scale * g, grad_scale=scale)[k].value,
+                         to_numpy(v.value), **tol(xp, xp.float64))
+    for dt in (xp.float32, xp.float64):
+        st = run_steps(method, spec, xp, dt, [tuple(to_numpy(a) for a in (x, g))])
+        gw = asarray(xp, rng.standard_normal((2, 3)), dt)
+        w0, b0 = engine.apply_split(method, spec, st, gw, None)
+        w1, b1 = engine.apply_split(method, spec, st, gw, xp.zeros((2,), dtype=dt))
+        assert w0.dtype == dt and b0.dtype == dt
+        assert_close(w0, to_numpy(w1), rtol=0, atol=0)
+        assert_close(b0, to_numpy(b1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("structures", [("hierarchical2_1", "block2diagonal"), ("tril_toeplitz", "triu_bottom_right_diag")])
@@ -1240,3 +1377,23 @@ def test_engine_singd_structures_with_several_parameter_arrays(xp, structures):
     for a, b in zip((st.K, st.C, st.m_K, st.m_C), (core.K, core.C, core.m_K, core.m_C)):
         assert type(a) is type(b)
         assert_close(a.to_dense(), to_numpy(b.to_dense()), **tol(xp, xp.float64))
+
+
+def test_engine_singd_reduction_factor_and_schedule(xp):
+    """An explicit reduction_factor overrides the loss average; with an lr_cov schedule (evaluated
+    by the adapter) an update without lr_cov leaves the factors as they are."""
+    spec = LAYERS["linear-bias"]
+    rng = np.random.default_rng(27)
+    x, g = layer_data(spec, rng)
+    method = engine.singd_method(reduction_factor=0.5, loss_average="batch")
+    st = method.init(spec, xp=xp, dtype=xp.float64)
+    pooled = engine.pool_stats(method.input_statistics(spec, st, asarray(xp, x)),
+                               method.grad_statistics(spec, st, asarray(xp, g)))
+    _, grows, _ = layer_rows(spec, x, g)
+    H_C, w = method.finalize(spec, st, pooled)["H_C"]
+    assert_close(H_C, (grows["expand"].T @ grows["expand"] / 0.5).reshape(-1), **tol(xp, xp.float64))
+    sched = engine.singd_method(lr_cov=lambda step: 0.1)
+    st = sched.init(spec, xp=xp, dtype=xp.float64)
+    fin = sched.finalize(spec, st, pooled)
+    st = sched.update(spec, st, {k: v for k, (v, w) in fin.items()})
+    assert_close(st.K.to_dense(), np.eye(spec.d_tilde), rtol=0, atol=0)
