@@ -36,6 +36,8 @@ SLOW_TESTS = (
     "tests/test_reliability_nonfinite.py::test_long_run_with_nan_batches_equals_the_clean_run",
     "tests/test_reliability_fuzz.py::test_jax_update_with_malformed_inputs",
     "tests/testing/test_cli_and_docs.py::test_adapter_testing_docstring_examples",
+    "tests/adapters/test_jax_attention.py::test_nnx_value_mean_and_update_equal_core[reference",
+    "tests/adapters/test_jax_attention.py::test_equinox_value_mean_and_update_equal_core[reference-causal]",
 )
 
 

@@ -18,6 +18,7 @@ from maccore.kfac import (
     kfac,
     kfac_apply,
     kfac_dense,
+    kl_clip_scale,
     pi_dampings,
 )
 from maccore.mac import (
@@ -90,6 +91,7 @@ __all__ = [
     "kfac_apply",
     "kfac_dense",
     "kfac_method",
+    "kl_clip_scale",
     "linear_rows",
     "mac",
     "mac_apply",

@@ -240,7 +240,22 @@ def check_damping_range(xp: Namespace, damping: Any, dtype: Any, name: str = "da
 
 
 def check_decay(decay: Any, name: str = "decay", where: str | None = None) -> None:
-    """An EMA decay must be a real number in ``[0, 1)``."""
+    """An EMA decay must be a real number in ``[0, 1)``, or a 0-d real floating array (e.g. a
+    hyper-parameter injected by ``optax.inject_hyperparams``): its value is checked when it can be
+    read, a traced value (``jax.jit``) is used as it is."""
+    if compat.is_array_api_obj(decay) and not isinstance(decay, numbers.Real):
+        xp = compat.array_namespace(decay)
+        if decay.ndim != 0 or not xp.isdtype(decay.dtype, "real floating"):
+            raise TypeError(
+                f"{_where(where)}{name} must be a number in [0, 1) or a 0-d real floating array, "
+                f"got an array of shape {shape_str(decay)} and dtype {decay.dtype}"
+            )
+        value = _concrete(decay)
+        if value is None:
+            return
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{_where(where)}{name} must be in [0, 1), got {value!r}")
+        return
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
         raise TypeError(
             f"{_where(where)}{name} must be a number in [0, 1), got {type(decay).__name__} {decay!r}"
@@ -272,9 +287,30 @@ def check_xp(xp: Any, where: str | None = None) -> None:
         )
 
 
-def is_due(count: Any, period: int) -> Any:
-    """``count % period == 0``: the schedule predicate adapters evaluate (ints or traced arrays)."""
-    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
+def _concrete(x: Any) -> Any:
+    """The Python value of a 0-d array, or ``None`` when it cannot be read (a traced jax value)."""
+    try:
+        return x.item() if hasattr(x, "item") else float(x)
+    except Exception:  # jax.errors.ConcretizationTypeError and friends: traced
+        return None
+
+
+def is_due(count: Any, period: Any) -> Any:
+    """``count % period == 0``: the schedule predicate adapters evaluate. ``count`` an int or a 0-d
+    integer array (traced under ``jax.jit``); ``period`` a positive int or a 0-d integer array
+    (e.g. injected by ``optax.inject_hyperparams``; its value is checked when it can be read) —
+    with arrays the predicate is array arithmetic, a 0-d boolean array."""
+    if compat.is_array_api_obj(period) and not isinstance(period, numbers.Integral):
+        xp = compat.array_namespace(period)
+        if period.ndim != 0 or not xp.isdtype(period.dtype, "integral"):
+            raise ValueError(
+                f"period must be a positive integer or a 0-d integer array, got an array of shape "
+                f"{shape_str(period)} and dtype {period.dtype}"
+            )
+        value = _concrete(period)
+        if value is not None and value < 1:
+            raise ValueError(f"period must be a positive integer, got {value!r}")
+    elif isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
         raise ValueError(f"period must be a positive integer, got {period!r}")
     if isinstance(count, bool) or not (
         isinstance(count, numbers.Integral) or compat.is_array_api_obj(count)

@@ -201,10 +201,12 @@ def _reduction_factor(terms: float, *, loss_average: str | None,
 reduction_factor = _reduction_factor
 
 
-def schedule(count: Any, *, t_cov: int, t_inv: int) -> tuple[Any, Any]:
+def schedule(count: Any, *, t_cov: Any, t_inv: Any) -> tuple[Any, Any]:
     """``(collect, refresh)`` for the step with ``count`` completed steps: statistics are folded
     when ``count % t_cov == 0`` and caches rebuilt when ``count % t_inv == 0`` (both at 0). Works
-    on Python ints and on traced 0-d arrays (the adapter branches with ``lax.cond`` there)."""
+    on Python ints and on traced 0-d arrays (the adapter branches with ``lax.cond`` there); the
+    periods may be 0-d integer arrays too (``optax.inject_hyperparams``), then both predicates are
+    array arithmetic (:func:`maccore.is_due`)."""
     return is_due(count, t_cov), is_due(count, t_inv)
 
 
@@ -363,9 +365,12 @@ def _write(xp: Any, grad_weight: Array, grad_bias: Array | None, w: Array, b: Ar
 
 
 def _qkv_heads(spec: LayerSpec) -> int | None:
-    """Row-block factors of a fused (3, H, d_h) projection: 3 (Q, K, V), or 3H per head."""
+    """Row-block factors of a fused (3, H, d_h) projection: 3 (Q, K, V), or 3H per head; of a
+    value projection (layout ``"v"``): one factor ``[d̃]``, or H_kv per head."""
     if spec.qkv is None:
         return None
+    if spec.qkv.layout == "v":
+        return spec.qkv.kv_heads if spec.qkv.mode == "per_head" else None
     return 3 * spec.qkv.num_heads if spec.qkv.mode == "per_head" else 3
 
 
@@ -387,8 +392,11 @@ def qkv_mean(spec: LayerSpec, x: Array, *, attn: Array | None = None, key: Array
     """MAC's row-block means of a fused qkv projection (``spec.qkv``): Q and K rows use ā, V rows
     the attention-weighted mean (:func:`maccore.attention_weighted_mean` of ``attn``; mode
     ``"off"``: ā); for cross-attention (``key``/``value`` given) each block the plain mean of its
-    own input."""
+    own input. A value projection alone (layout ``"v"``) gets only the V mean (``[d̃]``, or per
+    value head ``[H_kv, d̃]``: the mean of the per-head means of its query-head group)."""
     xp = namespace(x=x, where=f"layer {spec.name!r}")
+    if spec.qkv.layout == "v":
+        return _value_mean(xp, spec, x, attn=attn, key=key, value=value)
     aq = mean_rows(spec, x)
     if key is not None or value is not None:
         if key is None or value is None:
@@ -406,14 +414,38 @@ def qkv_mean(spec: LayerSpec, x: Array, *, attn: Array | None = None, key: Array
     return _stack_qkv(xp, aq, aq, v, spec)
 
 
+def _value_mean(xp: Any, spec: LayerSpec, x: Array, *, attn: Array | None, key: Array | None,
+                value: Array | None) -> Array:
+    """:func:`qkv_mean` of a value projection alone (``spec.qkv.layout == "v"``)."""
+    where = f"layer {spec.name!r}"
+    if key is not None or value is not None:
+        raise ValueError(f"{where}: a value projection takes its own input only (no key/value)")
+    if spec.qkv.mode == "off":
+        return mean_rows(spec, x)
+    if x.ndim != 3:
+        raise ValueError(f"{where}: a value projection needs input [B, N, d], got {shape_str(x)}")
+    if attn is None:
+        raise ValueError(f"{where}: attention-aware MAC needs the attention probabilities")
+    h, hkv = spec.qkv.num_heads, spec.qkv.kv_heads
+    if attn.ndim != 4 or attn.shape[1] != h:
+        raise ValueError(f"{where}: attention probabilities {shape_str(attn)} do not have "
+                         f"num_heads={h} heads ([B, H, N, N])")
+    v = attention_weighted_mean(x, attn, bias=spec.has_bias, mode=spec.qkv.mode)
+    if spec.qkv.mode == "per_head" and hkv != h:  # grouped-query attention: mean per group
+        v = xp.mean(xp.reshape(v, (hkv, h // hkv, v.shape[-1])), axis=1)
+    return v
+
+
 def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "reference",
                diagonal: bool = False) -> CurvatureMethod:
     """MAC (``diagonal=False``) or SMAC (``diagonal=True``) as a :class:`CurvatureMethod`.
 
     Per layer: the EMA of the batch mean activation ā (Linear: mean of the rows, bias entry 1;
     Conv2d: mean patch); fused qkv projections (``spec.qkv``) keep one factor per row block (Q, K:
-    ā; V: the attention-weighted mean), per head with ``mode="per_head"``. SMAC adds the EMA of the
-    output-gradient diagonal E_rows[g⊙g] for plain layers (not qkv projections). A first-layer
+    ā; V: the attention-weighted mean), per head with ``mode="per_head"``; a value projection alone
+    (``spec.qkv.layout == "v"``) keeps the attention-weighted mean only (per value head with
+    ``"per_head"``). SMAC adds the EMA of the output-gradient diagonal E_rows[g⊙g] for plain layers
+    and value projections (not fused qkv projections). A first-layer
     inverse (:func:`with_first_layer`) replaces the rank-1 form for that layer.
     """
     check_flag(diagonal, "diagonal", "mac_method")
@@ -422,8 +454,8 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
     plain = mac(decay=stat_decay, damping=damping, scale=scale)
     diag = mac(decay=stat_decay, damping=damping, scale=scale, diagonal=True)
 
-    def uses_diag(spec: LayerSpec) -> bool:
-        return diagonal and spec.qkv is None
+    def uses_diag(spec: LayerSpec) -> bool:  # a value projection alone is a plain dense layer
+        return diagonal and (spec.qkv is None or spec.qkv.layout == "v")
 
     def core(spec: LayerSpec):
         return diag if uses_diag(spec) else plain

@@ -9,6 +9,14 @@ Damping modes of :func:`kfac_apply`:
     ``"pi"``        factored Tikhonov: π = sqrt((tr A/d_A)/(tr G/d_G)), λ_A = π√λ, λ_G = √λ/π
                     (π = 1 when either trace is 0, so λ_A λ_G = λ always holds)
     ``"exact"``     (G ⊗ A + λ I)⁻¹ via eigendecompositions of A and G
+
+Update-size control (KL clipping, as in kfac-pytorch; docs/kfac.md): with P_l the preconditioned
+and G_l the raw gradient of layer l and η_l its learning rate,
+
+    ν = min(1, sqrt(κ / Σ_l η_l² ⟨P_l, G_l⟩_F)),   P_l ← ν P_l   for every layer
+
+(:func:`kl_clip_scale`; :func:`kl_clip_inner` + :func:`kl_clip_factor` when the layers are
+visited one at a time). ν is a 0-d array: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ __all__ = [
     "kfac_apply",
     "kfac_dense",
     "kfac",
+    "kl_clip_factor",
+    "kl_clip_inner",
+    "kl_clip_scale",
 ]
 
 KFAC_MODES = ("tikhonov", "pi", "exact")
@@ -360,3 +371,109 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov",
         return kfac_dense(A + la * _eye_like(xp, A), G + lg * _eye_like(xp, G))
 
     return Preconditioner(init, update, refresh, apply, to_dense)
+
+
+# ---------------------------------------------------------------------------------------------
+# update-size control: KL clipping
+
+
+def _seq(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _check_kl_clip(kl_clip: Any, where: str) -> None:
+    check_damping(kl_clip, "kl_clip", where, pair=False)
+
+
+def kl_clip_inner(preconditioned: Any, grads: Any, *, lr: Any = 1.0) -> Array:
+    """``Σ_i η_i² ⟨P_i, G_i⟩`` (elementwise products summed) as a 0-d array of the statistics dtype
+    (≥ float32; float64 when an input is float64), on the arrays' device.
+
+    ``preconditioned`` / ``grads``: one array or equally long sequences of arrays (the
+    preconditioned and raw gradients of the same parameters, pairwise of one shape; a pair with
+    ``None`` on both sides is left out). ``lr``: one learning rate η for all (a number or a 0-d
+    array, e.g. traced under ``jax.jit``) or one per pair.
+    """
+    where = "kl_clip_inner"
+    ps, gs = _seq(preconditioned), _seq(grads)
+    if len(ps) != len(gs):
+        raise ValueError(f"{where}: {len(ps)} preconditioned gradients but {len(gs)} gradients")
+    lrs = _seq(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ps)
+    if len(lrs) != len(ps):
+        raise ValueError(f"{where}: {len(lrs)} learning rates for {len(ps)} gradients")
+    terms = []
+    xp = None
+    for i, (p, g, eta) in enumerate(zip(ps, gs, lrs)):
+        if p is None and g is None:
+            continue
+        xp = namespace(preconditioned=p, grad=g, where=f"{where} (entry {i})", optional=())
+        check_floating(xp, p, f"preconditioned[{i}]", where)
+        check_floating(xp, g, f"grads[{i}]", where)
+        if tuple(p.shape) != tuple(g.shape):
+            raise ValueError(
+                f"{where}: entry {i}: preconditioned gradient of shape {shape_str(p)} and gradient "
+                f"of shape {shape_str(g)} differ"
+            )
+        dt = xp.result_type(to_stats(xp, p).dtype, to_stats(xp, g).dtype)
+        dot = xp.sum(to_stats(xp, p, dt) * to_stats(xp, g, dt))
+        terms.append(dot * (eta * eta))
+    if xp is None:
+        raise ValueError(f"{where}: no gradients given")
+    return _sum0(xp, terms)
+
+
+def _sum0(xp: Any, terms: list) -> Array:
+    dt = terms[0].dtype
+    for t in terms[1:]:
+        dt = xp.result_type(dt, t.dtype)
+    total = xp.astype(terms[0], dt)
+    for t in terms[1:]:
+        total = total + xp.astype(t, dt)
+    return total
+
+
+def kl_clip_factor(inner: Any, *, kl_clip: Any) -> Array:
+    """ν = min(1, sqrt(κ / s)) for ``s`` = :func:`kl_clip_inner` (a 0-d array, or a sequence of
+    partial sums, e.g. one per layer, which are added), κ = ``kl_clip`` > 0.
+
+    Robust: ``s ≤ 0`` (a zero gradient, or a zero learning rate) and ``s = NaN`` give ν = 1 (no
+    clipping: a non-finite gradient is the non-finite-step machinery's to catch); ``s = +∞`` (the
+    update overflowed the statistics dtype) gives ν = 0. ν is always finite, in [0, 1], a 0-d
+    array of ``s``'s dtype — no host synchronisation.
+    """
+    where = "kl_clip_factor"
+    _check_kl_clip(kl_clip, where)
+    terms = [t for t in _seq(inner) if t is not None]
+    if not terms:
+        raise ValueError(f"{where}: no inner product given")
+    xp = namespace(**{f"inner{i}": t for i, t in enumerate(terms)}, where=where, optional=())
+    for i, t in enumerate(terms):
+        if t.ndim != 0:
+            raise ValueError(f"{where}: inner products must be 0-d arrays, entry {i} has shape "
+                             f"{shape_str(t)}")
+        check_floating(xp, t, f"inner[{i}]", where)
+    s = to_stats(xp, _sum0(xp, terms))
+    one = xp.ones_like(s)
+    ok = xp.logical_and(xp.isfinite(s), s > 0)
+    nu = xp.minimum(one, xp.sqrt(kl_clip / xp.where(ok, s, one)))
+    return xp.where(ok, nu, xp.where(s == xp.inf, xp.zeros_like(s), one))
+
+
+def kl_clip_scale(preconditioned: Any, grads: Any, *, kl_clip: Any, lr: Any = 1.0) -> Array:
+    """The KL-clipping factor ν = min(1, sqrt(κ / Σ_i η_i² ⟨P_i, G_i⟩)) of kfac-pytorch's
+    ``kl_clip`` (docs/kfac.md): scale every preconditioned gradient by ν so that the step's
+    second-order KL estimate η²⟨P, G⟩ stays below κ = ``kl_clip``.
+
+    ``preconditioned`` / ``grads`` / ``lr``: as :func:`kl_clip_inner` (all preconditioned layers
+    of the step together — the factor is global); the robust policy of :func:`kl_clip_factor`.
+    Returns a 0-d array (statistics dtype, on the arrays' device).
+
+    >>> import numpy as np
+    >>> g = np.array([[3.0, 4.0]])
+    >>> float(kl_clip_scale(2 * g, g, kl_clip=1e-3, lr=0.1))   # ⟨P, G⟩ = 50: sqrt(1e-3/0.5)
+    0.044721...
+    >>> float(kl_clip_scale(2 * g, g, kl_clip=1.0, lr=0.1))    # within the budget: ν = 1
+    1.0
+    """
+    _check_kl_clip(kl_clip, "kl_clip_scale")
+    return kl_clip_factor(kl_clip_inner(preconditioned, grads, lr=lr), kl_clip=kl_clip)

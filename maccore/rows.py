@@ -168,11 +168,20 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class QkvSpec:
-    """A fused qkv projection: output layout (3, H, d_h) along the output features (docs/math.md)."""
+    """A fused qkv projection: output layout (3, H, d_h) along the output features (docs/math.md).
+
+    ``layout="v"``: the layer is the VALUE projection of an attention with separate q/k/v
+    projections, output layout (H_kv, d_h): one factor (the attention-weighted mean), or with
+    ``mode="per_head"`` one per value head; ``num_kv_heads`` (default ``num_heads``) is H_kv of
+    grouped-query attention, whose value head g serves the query heads
+    [g·H/H_kv, (g+1)·H/H_kv) (its factor is the mean of theirs).
+    """
 
     num_heads: int
     mode: str = "reference"  # "reference" | "per_head" | "off"
     causal: bool = False
+    layout: str = "qkv"  # "qkv" (fused (3, H, d_h)) | "v" (value projection alone, (H_kv, d_h))
+    num_kv_heads: int | None = None  # layout "v": value heads H_kv (grouped-query attention)
 
     def __post_init__(self) -> None:
         n = self.num_heads
@@ -180,6 +189,21 @@ class QkvSpec:
             raise ValueError(f"QkvSpec: num_heads must be >= 1, got {n!r}")
         if self.mode not in ("reference", "per_head", "off"):
             raise ValueError(f"QkvSpec.mode must be 'reference', 'per_head' or 'off', got {self.mode!r}")
+        if self.layout not in ("qkv", "v"):
+            raise ValueError(f"QkvSpec.layout must be 'qkv' or 'v', got {self.layout!r}")
+        kv = self.num_kv_heads
+        if kv is not None:
+            if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or n % kv:
+                raise ValueError(f"QkvSpec: num_kv_heads must be a positive divisor of num_heads={n}, "
+                                 f"got {kv!r}")
+            if self.layout == "qkv" and kv != n:
+                raise ValueError(f"QkvSpec: num_kv_heads={kv} != num_heads={n} needs layout='v' "
+                                 "(a fused (3, H, d_h) projection has as many K/V heads as Q heads)")
+
+    @property
+    def kv_heads(self) -> int:
+        """H_kv: the number of value heads (``num_kv_heads``, default ``num_heads``)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,21 @@ def _check_number(value: Any, name: str, *, positive: bool, where: str = _WHERE)
         raise ValueError(f"{where}: {name} must be {want} and finite, got {value!r}")
 
 
+def _is_array(value: Any) -> bool:
+    """An array (not a Python or NumPy scalar number)."""
+    return compat.is_array_api_obj(value) and not isinstance(value, numbers.Real)
+
+
+def _readable(value: Any) -> float | None:
+    """The value of a number or a 0-d array, ``None`` when it cannot be read (traced under jit)."""
+    if not _is_array(value):
+        return float(value)
+    try:
+        return float(value)
+    except Exception:  # jax.errors.ConcretizationTypeError: a traced value
+        return None
+
+
 def _check_real(xp: Any, x: Any, name: str, where: str) -> None:
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
@@ -246,22 +261,33 @@ def singd(
     struct_K = _as_structure_type(structures[0], "structures[0]")
     struct_C = _as_structure_type(structures[1], "structures[1]")
     _check_number(alpha1, "alpha1", positive=False)
-    if not alpha1 < 1:
-        raise ValueError(f"{_WHERE}: alpha1 must lie in [0, 1), got {alpha1!r}")
     _check_number(lr_cov, "lr_cov", positive=False)
     _check_number(damping, "damping", positive=False)
-    if kfac_like and alpha1 != 0:
-        warnings.warn(
-            f"{_WHERE}: kfac_like=True uses no Riemannian momentum; alpha1={alpha1} is set to 0",
-            UserWarning,
-            stacklevel=2,
-        )
-        alpha1 = 0.0
-    alpha1 = float(alpha1)
-    use_momentum = alpha1 != 0.0
+    # alpha1, lr_cov and damping may be 0-d arrays (optax.inject_hyperparams; traced under jit):
+    # their values are checked where they can be read and never branched on otherwise. An array
+    # alpha1 always keeps the momentum buffers (alpha1 = 0 then gives the same numbers).
+    alpha1_value = _readable(alpha1)
+    if alpha1_value is not None and not alpha1_value < 1:
+        raise ValueError(f"{_WHERE}: alpha1 must lie in [0, 1), got {alpha1!r}")
+    for name, v in (("lr_cov", lr_cov), ("damping", damping), ("alpha1", alpha1)):
+        value = _readable(v)
+        if _is_array(v) and value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_WHERE}: {name} must be non-negative and finite, got {value!r}")
+    if kfac_like:
+        if alpha1_value is not None and alpha1_value != 0:
+            warnings.warn(
+                f"{_WHERE}: kfac_like=True uses no Riemannian momentum; alpha1={alpha1} is set "
+                "to 0",
+                UserWarning,
+                stacklevel=2,
+            )
+        alpha1 = alpha1_value = 0.0
+    array_alpha1 = _is_array(alpha1)
+    alpha1 = alpha1 if array_alpha1 else float(alpha1)
+    use_momentum = array_alpha1 or alpha1 != 0.0
     s = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
-    default_lr_cov = float(lr_cov)
-    lam = float(damping)
+    default_lr_cov = lr_cov if _is_array(lr_cov) else float(lr_cov)
+    lam = damping if _is_array(damping) else float(damping)
 
     def init(d_in_tilde: int, d_out: int, *, xp: Any, dtype: Any = None, device: Any = None):
         d_in_tilde = check_positive_int(d_in_tilde, "d_in_tilde", "singd.init")

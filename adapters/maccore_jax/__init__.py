@@ -12,7 +12,9 @@ helpers for Flax and Equinox.
   ``loss_average``, ``reduction_factor``, ``skip_layers``).
 - :func:`fit_first_layer`: MAC's first-layer true inverse in an optimizer state.
 - Layers: :class:`Dense`, :class:`Conv` (declared geometry), :data:`QKV` (fused attention
-  projection), layouts ``"flax"`` and ``"equinox"``.
+  projection, or with ``layout="v"`` the value projection of separate q/k/v projections, whose
+  activation is an :class:`AttentionInput` with the probabilities), layouts ``"flax"`` and
+  ``"equinox"``.
 - Capture: :mod:`maccore_jax.linen`, :mod:`maccore_jax.nnx`, :mod:`maccore_jax.equinox` (imported
   lazily), each with ``apply`` (output and layer inputs from one forward), ``output_zeros`` (the
   perturbations whose gradients are the layer output gradients, for KFAC/SMAC/SINGD) and
@@ -37,17 +39,20 @@ from maccore_jax.optimizers import MomentumState, kfac, mac, momentum, scale_by_
 from maccore_jax.singd import scale_by_singd, singd
 from maccore_jax.portable import load_portable, save_portable
 from maccore_jax.report import report
-from maccore_jax.specs import QKV, Conv, Dense, Layer
-from maccore_jax.transform import CurvatureState, scale_by_curvature, skip_nonfinite
+from maccore_jax.specs import QKV, AttentionInput, Conv, Dense, Layer
+from maccore_jax.transform import (CurvatureState, MultiSteps, scale_by_curvature,
+                                 skip_nonfinite)
 from maccore_jax import testing  # noqa: F401,E402  (maccore_jax.testing.curvature_blocks)
 
 __all__ = [
+    "AttentionInput",
     "Conv",
     "CurvatureMethod",
     "CurvatureState",
     "Dense",
     "Layer",
     "MomentumState",
+    "MultiSteps",
     "QKV",
     "equinox",
     "fit_first_layer",

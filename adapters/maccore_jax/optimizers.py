@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from maccore import engine
+from maccore import kl_clip_scale as maccore_kl_clip_scale
 
-from maccore_jax.transform import scale_by_curvature, skip_nonfinite
+from maccore_jax.specs import discover, skip_names
+from maccore_jax.transform import curvature_states, scale_by_curvature, skip_nonfinite
 from maccore_jax.validation import (
     check_on_nonfinite,
     check_optimizer,
@@ -112,13 +114,15 @@ def scale_by_mac(
 def scale_by_kfac(
     *,
     stat_decay: float = 0.95,
-    damping: Any = 1e-3,
+    damping: Any = 0.1,
     t_cov: int = 1,
     t_inv: int = 10,
     damping_mode: str = "tikhonov",
     kfac_approx: str = "expand",
     loss_average: str | None = "batch",
     reduction_factor: float | None = None,
+    kl_clip: float | None = None,
+    learning_rate: Any = None,
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """The exact-KFAC preconditioner alone (``maccore.kfac_method``). ``update`` needs
@@ -133,13 +137,60 @@ def scale_by_kfac(
             ``None`` (summed: R = 1).
         reduction_factor: R of the loss L = R·Σ terms (docs/math.md), overriding ``loss_average``;
             ``update(..., reduction_factor=R)`` overrides both for one update.
+        kl_clip: κ of the KL clipping (docs/kfac.md; ``None``, the default here, disables it):
+            every preconditioned gradient is scaled by the one factor
+            ν = :func:`maccore.kl_clip_scale` of all preconditioned layers. Needs
+            ``learning_rate`` (a number, a 0-d array or a schedule of the step count): the step
+            size of the optimizer that applies the preconditioned gradients.
+            :func:`maccore_jax.kfac` clips by default with its own learning rate.
         Others as :func:`scale_by_mac`.
     """
     check_static(stat_decay, "stat_decay", "scale_by_kfac")
     method = engine.kfac_method(stat_decay=stat_decay, damping=damping, damping_mode=damping_mode,
                                 kfac_approx=kfac_approx, loss_average=loss_average,
                                 reduction_factor=reduction_factor)
-    return scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, **options)
+    tx = scale_by_curvature(method, t_cov=t_cov, t_inv=t_inv, **options)
+    if kl_clip is None:
+        return tx
+    if learning_rate is None:
+        raise ValueError("scale_by_kfac: kl_clip needs the learning_rate of the optimizer that "
+                         "applies the preconditioned gradients")
+    return _kl_clipped(tx, kl_clip, learning_rate, options)
+
+
+def _kl_clipped(tx: optax.GradientTransformationExtraArgs, kl_clip: Any, learning_rate: Any,
+                options: dict) -> optax.GradientTransformationExtraArgs:
+    """``tx`` (a KFAC preconditioner) followed by the KL clipping: the preconditioned gradients P
+    of every preconditioned layer scaled by ν = ``maccore.kl_clip_scale(P, G, kl_clip=κ, lr=η)``
+    (G the incoming gradients, η the learning rate at the curvature state's step count). The
+    state is ``tx``'s (checkpoints unchanged); other leaves pass through."""
+    z = jnp.zeros(1)
+    maccore_kl_clip_scale(z, z, kl_clip=kl_clip)  # validates κ up front
+
+    def find(tree):
+        return discover(tree, layout=options.get("layout", "flax"), layers=options.get("layers"),
+                        attention=options.get("attention"),
+                        skip=skip_names(options.get("skip_layers")))
+
+    def update_fn(updates, state, params=None, **extra):
+        new, new_state = tx.update(updates, state, params, **extra)
+        found, grads, treedef = find(updates)
+        idx = [i for layer in found.values() for i in (layer.weight_index, layer.bias_index)
+               if i is not None]
+        if not idx:
+            return new, new_state
+        pre = jax.tree_util.tree_leaves(new)
+        lr = learning_rate
+        if callable(lr):
+            lr = lr(curvature_states(state)[0].count)
+        nu = maccore_kl_clip_scale([pre[i] for i in idx], [grads[i] for i in idx],
+                                   kl_clip=kl_clip, lr=lr)
+        out = list(pre)
+        for i in idx:
+            out[i] = (out[i] * nu).astype(out[i].dtype)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 @_extends(scale_by_curvature, drop=("method", "lr_cov", "t_cov", "t_inv"))
@@ -237,15 +288,18 @@ def _update_rule(pre, learning_rate, momentum_, weight_decay, nesterov, weight_d
 
 
 def _optimizer(pre: Callable, name: str, doc: str, *, learning_rate: Any = inspect.Parameter.empty,
+               forward: tuple[str, ...] = (),
                **defaults: Any) -> Callable[..., optax.GradientTransformationExtraArgs]:
     """The optimizer ``name(learning_rate, **OPTIMIZER_OPTIONS, **pre's keywords)``: the
     preconditioner ``pre`` followed by :func:`_update_rule`. ``defaults`` overrides defaults of
-    :data:`OPTIMIZER_OPTIONS`."""
+    :data:`OPTIMIZER_OPTIONS` and of ``pre``'s keywords; ``forward``: optimizer options that
+    ``pre`` receives too (KFAC's KL clipping reads ``learning_rate``)."""
     head = [inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                               default=learning_rate)]
     head += [p.replace(default=defaults.get(p.name, p.default)) for p in OPTIMIZER_OPTIONS]
     own = {p.name for p in head}
-    sig = inspect.Signature(head + [p for p in inspect.signature(pre).parameters.values()
+    sig = inspect.Signature(head + [p.replace(default=defaults.get(p.name, p.default))
+                                    for p in inspect.signature(pre).parameters.values()
                                     if p.name not in own])
 
     def factory(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
@@ -257,7 +311,7 @@ def _optimizer(pre: Callable, name: str, doc: str, *, learning_rate: Any = inspe
         rest = dict(bound.arguments)
         opts = {k: rest.pop(k) for k in own}
         check_on_nonfinite(opts["on_nonfinite"], name)
-        precond = pre(**rest, on_nonfinite=None)
+        precond = pre(**rest, **{k: opts[k] for k in forward}, on_nonfinite=None)
         return _update_rule(precond, opts["learning_rate"], opts["momentum"],
                             opts["weight_decay"], opts["nesterov"], opts["weight_decay_mode"],
                             opts["weight_decay_mask"], opts["on_nonfinite"], name)
@@ -283,16 +337,26 @@ keywords)``. ``learning_rate`` may be a schedule.
 - ``on_nonfinite="skip"`` (default) skips a step with NaN/Inf gradients, statistics or updates
   exactly: zero updates, every state (running averages, momenta, counters, schedule count)
   unchanged, as ``maccore_torch.MAC`` does; ``"raise"``; ``None`` (no check).
-- With ``optax.inject_hyperparams`` keep ``stat_decay``, ``t_cov`` and ``t_inv`` in
-  ``static_args``.
+- ``optax.inject_hyperparams(maccore_jax.mac)(learning_rate=...)`` needs no ``static_args``:
+  every numeric hyper-parameter (``t_cov``, ``t_inv`` and ``stat_decay`` included) may be an
+  injected array or a schedule (the same holds for :func:`kfac` and :func:`singd`).
+- Gradient accumulation: :class:`maccore_jax.MultiSteps` with ``pool_micro_batches=True``;
+  ``optax.masked`` / ``optax.multi_transform`` precondition a subset of the layers
+  (docs/models/jax.md).
 """)
 
 kfac = _optimizer(scale_by_kfac, "kfac", """Exact KFAC with the momentum / weight-decay update of
 :func:`mac` (= ``maccore_torch.KFAC``): ``kfac(learning_rate, *, momentum=0.9, weight_decay=0.0,
 nesterov=False, weight_decay_mode="decoupled", weight_decay_mask=None, on_nonfinite="skip",
-**scale_by_kfac's keywords)``. ``update`` needs ``activations=`` and ``output_grads=``; the loss
-reduction follows ``loss_average`` (default ``"batch"``) unless ``reduction_factor=`` is given.
-""")
+kl_clip=1e-3, **scale_by_kfac's keywords)``. ``update`` needs ``activations=`` and
+``output_grads=``; the loss reduction follows ``loss_average`` (default ``"batch"``) unless
+``reduction_factor=`` is given.
+
+``kl_clip`` (default ``1e-3``; ``None`` disables): the preconditioned gradients are scaled by
+ν = min(1, sqrt(κ / Σ_layers η²⟨P, G⟩)) (:func:`maccore.kl_clip_scale`, η = ``learning_rate``
+at the step, a schedule included) before weight decay and momentum — as ``maccore_torch.KFAC``
+(docs/kfac.md).
+""", forward=("learning_rate",), kl_clip=1e-3)
 
 singd = _optimizer(scale_by_singd, "singd", """SINGD with the published update (=
 ``maccore_torch.SINGD``): ``d = ĝ + weight_decay·W`` (weight decay AFTER preconditioning,

@@ -26,7 +26,10 @@ def report(
                               skip=skip_names(skip_layers))
     rows = []
     for name, layer in found.items():
-        what = method + (f" fused qkv (H={layer.qkv.num_heads})" if layer.qkv is not None else
+        what = method + (f" attention value (H={layer.qkv.num_heads}, {layer.qkv.mode}) "
+                         f"[{layer.d_out}, {layer.d_in}{' + 1' if layer.has_bias else ''}]"
+                         if layer.qkv is not None and layer.qkv.layout == "v" else
+                         f" fused qkv (H={layer.qkv.num_heads})" if layer.qkv is not None else
                          f" ({layer.kind.value} [{layer.d_out}, {layer.d_in}{' + 1' if layer.has_bias else ''}])")
         leaf = "kernel" if layout == "flax" else "weight"
         rows.append((f"{name}/{leaf}", str(list(layer.weight_shape)), name, what))

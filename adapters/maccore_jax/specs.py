@@ -19,12 +19,41 @@ import maccore
 from maccore import LayerKind, QkvSpec
 
 __all__ = [
-    "Dense", "Conv", "QKV", "Layer", "LAYOUTS", "Skipped", "coverage", "layer_name", "discover",
-    "lookup", "skip_names",
+    "AttentionInput", "Dense", "Conv", "QKV", "Layer", "LAYOUTS", "Skipped", "coverage",
+    "layer_name", "discover", "lookup", "skip_names", "split_attention",
 ]
 
 LAYOUTS = {"flax": "kernel", "equinox": "weight"}
 QKV = QkvSpec  # maccore_jax.QKV(num_heads=..., mode="reference"|"per_head"|"off", causal=False)
+# a value projection of separate q/k/v projections: QKV(num_heads=H, layout="v", num_kv_heads=...)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionInput:
+    """The activation entry of an attention VALUE projection (``QKV(..., layout="v")``): its input
+    ``x`` ``[B, N, d]`` and the attention probabilities ``probs`` ``[B, H, N, N]`` of its attention
+    module (as the model computed them: masks, causal flags and key padding included). The capture
+    helpers (:mod:`maccore_jax.nnx`, :mod:`maccore_jax.equinox`) return it in ``acts``; a layer
+    declared as a plain :class:`Dense` uses ``x`` only."""
+
+    x: Any
+    probs: Any
+
+
+def _is_attention_input(x: Any) -> bool:
+    return isinstance(x, AttentionInput)
+
+
+def split_attention(entries: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{name: array | AttentionInput}`` → ``({name: array}, {name: probabilities})``."""
+    xs, probs = {}, {}
+    for n, a in entries.items():
+        if isinstance(a, AttentionInput):
+            xs[n], probs[n] = a.x, a.probs
+        else:
+            xs[n] = a
+    return xs, probs
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,9 @@ class Layer:
             ins = list(self.weight_shape[: self.in_ndim])
             ok = len(shape) >= len(ins) and shape[len(shape) - len(ins):] == ins
             want = f"[..., {', '.join(map(str, ins))}]"
+            if self.qkv is not None:  # an attention value projection: [B, N, *in]
+                ok = ok and len(shape) == 2 + len(ins)
+                want = f"[B, N, {', '.join(map(str, ins))}]"
         elif self.kind is LayerKind.LINEAR:
             ok = (
                 len(shape) >= 1 and shape[-1] == self.d_in and (self.qkv is None or len(shape) == 3)
@@ -249,7 +281,7 @@ def lookup(tree: Any, what: str) -> dict[str, Any]:
     """Map layer names to the arrays of ``tree`` (nested like the params, or a flat ``{name: array}``)."""
     if tree is None:
         return {}
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_attention_input)[0]
     out = {}
     for path, leaf in flat:
         name = "/".join(str(k) for k in _keys(path))
@@ -365,15 +397,20 @@ def _make_layer(name, spec, shape, layout, wkey, members, bias_shape) -> Layer:
     )
     if isinstance(spec, (Dense, QkvSpec)):
         k = spec.in_ndim if isinstance(spec, Dense) else 1
-        if isinstance(spec, Dense) and len(shape) > 2 and layout == "flax" and 1 <= k < len(shape):
+        value = isinstance(spec, QkvSpec) and spec.layout == "v"
+        if (isinstance(spec, Dense) or value) and len(shape) > 2 and layout == "flax" and 1 <= k < len(shape):
             d_in, d_out = _prod(shape[:k]), _prod(shape[k:])
-            return Layer(kind=LayerKind.LINEAR, d_in=d_in, d_out=d_out, in_ndim=k, **common)
+            qkv = _value_spec(name, spec, d_out) if value else None
+            return Layer(kind=LayerKind.LINEAR, d_in=d_in, d_out=d_out, in_ndim=k, qkv=qkv, **common)
         if len(shape) != 2 or k != 1:
             raise ValueError(
                 f"layer {name!r}: declared {spec!r} but its {wkey} has shape {list(shape)} (expected "
                 f"2-D, or a Flax-layout kernel [*in, *out] with 1 <= in_ndim < {len(shape)})"
             )
         d_in, d_out = shape if layout == "flax" else shape[::-1]
+        if value:
+            return Layer(kind=LayerKind.LINEAR, d_in=d_in, d_out=d_out,
+                         qkv=_value_spec(name, spec, d_out), **common)
         qkv = spec if isinstance(spec, QkvSpec) and spec.mode != "off" else None
         if qkv is not None and d_out % (3 * qkv.num_heads):
             raise ValueError(
@@ -398,6 +435,19 @@ def _make_layer(name, spec, shape, layout, wkey, members, bias_shape) -> Layer:
     raise TypeError(
         f"layers[{name!r}] must be maccore_jax.Dense(), Conv(...), QKV(...) or None, got {spec!r}"
     )
+
+
+def _value_spec(name: str, spec: QkvSpec, d_out: int) -> QkvSpec | None:
+    """The spec of a value projection (``layout="v"``): ``None`` (a plain dense layer) with
+    ``mode="off"``; per head, its ``d_out`` rows must split into the H_kv value heads."""
+    if spec.mode == "off":
+        return None
+    if spec.mode == "per_head" and d_out % spec.kv_heads:
+        raise ValueError(
+            f"layer {name!r}: {d_out} outputs are not divisible by the {spec.kv_heads} value heads "
+            "(num_kv_heads) of its per-head attention factors"
+        )
+    return spec
 
 
 def _prod(xs: Iterable[int]) -> int:

@@ -40,7 +40,17 @@ import optax
 from jax import lax
 from maccore import engine
 
-from maccore_jax.specs import Layer, coverage, discover, layer_name, lookup, skip_names
+from maccore_jax.specs import (
+    LAYOUTS,
+    Layer,
+    _keys,
+    coverage,
+    discover,
+    layer_name,
+    lookup,
+    skip_names,
+    split_attention,
+)
 from maccore_jax.validation import check_on_nonfinite, check_period
 
 __all__ = [
@@ -62,12 +72,18 @@ class CurvatureState(NamedTuple):
     int32, kept by :func:`skip_nonfinite`; readable under ``jit``: a run whose counter keeps
     growing is stuck). ``nonfinite_layers``: ``{layer name: 0-d bool}``, the layers whose new
     state or preconditioned gradient was not finite during the current run of skipped steps
-    (computed with ``reset_after``; all ``False`` after an accepted step)."""
+    (computed with ``reset_after``; all ``False`` after an accepted step).
+
+    ``pooled`` (``pool_micro_batches=True`` only, else ``None``): ``{layer name: {key: (value,
+    weight)}}``, the statistics of the micro-batches seen since the last step (:class:`MultiSteps`;
+    a row-weighted mean or a sum of loss terms as :func:`maccore.engine.pool`, weight 0 when
+    empty); the next step pools them with its own batch, then they are zero again."""
 
     count: jax.Array
     layers: dict[str, Any]
     consecutive_skips: Any = None
     nonfinite_layers: Any = None
+    pooled: Any = None
 
 
 def _is_curvature(x: Any) -> bool:
@@ -102,6 +118,7 @@ def scale_by_curvature(
     lr_cov: float | Callable[[Any], Any] | None = None,
     reset_after: int | None = None,
     strict: bool = False,
+    pool_micro_batches: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition the gradients of every discovered layer with ``method`` (module docstring).
 
@@ -137,9 +154,23 @@ def scale_by_curvature(
             like a linear map but is not preconditioned (e.g. an undeclared 3-D
             ``DenseGeneral`` kernel) is a ``UserWarning``, with ``strict=True`` a ``ValueError``;
             zero preconditioned layers is always a warning.
+        pool_micro_batches: keep :attr:`CurvatureState.pooled`, so that :class:`MultiSteps` can
+            pool the statistics of every micro-batch of a step (gradient accumulation); a plain
+            update is unchanged (it pools its own batch with the empty pool).
 
     ``update(..., reduction_factor=R)`` overrides the method's loss reduction for that update
-    (KFAC, SINGD).
+    (KFAC, SINGD). ``update(..., accumulate_only=True)`` (``pool_micro_batches=True``; what
+    :class:`MultiSteps` passes between steps): pool this micro-batch's statistics (when due at
+    the coming step) into ``pooled`` and change nothing else (the updates pass through).
+
+    Inside ``optax.masked`` / ``optax.multi_transform`` the transformation sees the parameters of
+    its subset (masked-out leaves are ``optax.MaskedNode``): only layers of the subset are
+    preconditioned — exactly as without the mask — and ``activations`` / ``output_grads`` entries
+    of masked-out layers are ignored. A layer is masked as a whole (its kernel and its bias
+    together; a ``ValueError`` otherwise).
+
+    Numeric hyper-parameters (``t_cov``, ``t_inv``, the method's damping and decay) may be 0-d
+    arrays, traced under ``jit`` (``optax.inject_hyperparams`` with no ``static_args``).
     """
     if not isinstance(method, maccore.CurvatureMethod):
         raise TypeError(
@@ -152,6 +183,9 @@ def scale_by_curvature(
     check_on_nonfinite(on_nonfinite, where)
     if reset_after is not None:
         reset_after = check_period(reset_after, "reset_after", where)
+    if not isinstance(pool_micro_batches, bool):
+        raise TypeError(f"{where}: pool_micro_batches must be True or False, got "
+                        f"{pool_micro_batches!r}")
     skip = skip_names(skip_layers)
     excluded = {layer_name(k) for k, v in (layers or {}).items() if v is None} | set(skip)
 
@@ -163,17 +197,28 @@ def scale_by_curvature(
         _check_coverage(params, where, strict, layout=layout, layers=layers,
                         attention=attention, skip=skip)
         found, leaves, _ = find(params)
+        _check_masked(params, layout, where)
         states = {}
         for n, layer in found.items():
             dtype = _stats_dtype(leaves[layer.weight_index].dtype)
             with _layer_errors(where, n):
                 states[n] = method.init(layer.core_spec(), xp=XP, dtype=dtype)
+        pooled = None
+        if pool_micro_batches:
+            pooled = {n: _empty_pool(method.templates(found[n].core_spec(), st))
+                      for n, st in states.items()}
         return CurvatureState(jnp.zeros((), jnp.int32), states, jnp.zeros((), jnp.int32),
-                              {n: jnp.zeros((), bool) for n in states})
+                              {n: jnp.zeros((), bool) for n in states}, pooled)
 
     def update_fn(updates, state, params=None, *, activations=None, output_grads=None,
-                  reduction_factor=None, **extra):
+                  reduction_factor=None, accumulate_only=False, **extra):
         del extra  # other transformations' arguments (optax.chain passes them to everyone)
+        if not isinstance(accumulate_only, bool):
+            raise TypeError(f"{where}: accumulate_only must be True or False (a Python bool), "
+                            f"got {accumulate_only!r}")
+        if accumulate_only and state.pooled is None:
+            raise ValueError(f"{where}: accumulate_only=True needs a state built with "
+                             "pool_micro_batches=True")
         if params is not None:
             _check_like(updates, params, where)
         undeclared: list = []
@@ -183,8 +228,10 @@ def scale_by_curvature(
                 f"{where}: the state was initialised for layers {sorted(state.layers)} but "
                 f"the gradients have layers {sorted(found)}"
             )
+        masked = _check_masked(updates, layout, where)
         acts = _match(activations, found, list(found), "activations", where,
-                      excluded | set(undeclared))
+                      excluded | set(undeclared), masked)
+        acts, probs = split_attention(acts)  # value projections: AttentionInput(x, probs)
         for n, layer in found.items():
             layer.check_input(acts[n])
         xs = {n: layer.nchw(acts[n]) for n, layer in found.items()}
@@ -193,15 +240,16 @@ def scale_by_curvature(
         gouts = {}
         if want_g:
             gouts = _match(output_grads, found, want_g, "output_grads", where,
-                           excluded | set(undeclared))
+                           excluded | set(undeclared), masked)
             for n in want_g:
                 found[n].check_output_grad(acts[n], gouts[n])
         want_attn = [n for n in found if method.wants_attention(specs[n])]
+        recompute = [n for n in want_attn if n not in probs and specs[n].qkv.layout != "v"]
         pleaves = None
-        if want_attn:
+        if recompute:
             if params is None:
                 raise ValueError(
-                    f"{where}: attention layers {want_attn} need params= in update (their "
+                    f"{where}: attention layers {recompute} need params= in update (their "
                     "attention probabilities are recomputed from the projection output)"
                 )
             pleaves = find(params)[1]
@@ -209,19 +257,40 @@ def scale_by_curvature(
         if hasattr(beta, "ndim"):
             beta = jnp.reshape(jnp.asarray(beta), ())
 
+        def batch_stats(n, st):
+            """This update's ``{key: Stat}`` of layer ``n`` (before ``finalize``)."""
+            layer, spec, x = found[n], specs[n], xs[n]
+            stats = {}
+            if method.wants_input(spec, st):
+                attn = None
+                if n in want_attn:
+                    attn = probs[n] if n in probs else _attention(layer, spec, x, pleaves)
+                stats = method.input_statistics(spec, st, x, attn=attn)
+            if n in want_g:
+                g = method.grad_statistics(spec, st, layer.nchw(gouts[n], output=True))
+                stats = engine.pool_stats(stats, g)
+            return stats
+
+        def accumulate(pooled):
+            new = dict(pooled)
+            for n in found:
+                with _layer_errors(where, n):
+                    new[n] = _pool_into(pooled[n], batch_stats(n, state.layers[n]))
+            return new
+
         def collect(ls):
             new = {}
             for n, layer in found.items():
-                spec, st, x = specs[n], ls[n], xs[n]
+                spec, st = specs[n], ls[n]
                 with _layer_errors(where, n):
-                    stats = {}
-                    if method.wants_input(spec, st):
-                        attn = _attention(layer, spec, x, pleaves) if n in want_attn else None
-                        stats = method.input_statistics(spec, st, x, attn=attn)
-                    if n in want_g:
-                        g = method.grad_statistics(spec, st, layer.nchw(gouts[n], output=True))
-                        stats = engine.pool_stats(stats, g)
-                    final = method.finalize(spec, st, stats, reduction_factor=reduction_factor)
+                    stats = batch_stats(n, st)
+                    rf = reduction_factor
+                    if state.pooled is not None:  # with the micro-batches since the last step
+                        pool = _pool_into(state.pooled[n], stats)
+                        stats = {k: engine.Stat(pool[k][0], pool[k][1], s.kind)
+                                 for k, s in stats.items()}
+                        rf = _pooled_reduction(method, stats, rf)
+                    final = method.finalize(spec, st, stats, reduction_factor=rf)
                     values = {k: v for k, (v, _) in final.items()}
                     if axis_name is not None:  # equal weights on every device (same shapes):
                         # the engine's weight-weighted mean across devices is the plain mean
@@ -237,6 +306,9 @@ def scale_by_curvature(
             return new
 
         due_stats, due_refresh = engine.schedule(state.count, t_cov=t_cov, t_inv=t_inv)
+        if accumulate_only:  # a micro-batch between steps: pool its statistics, nothing else
+            pooled = _cond(due_stats, accumulate, state.pooled)
+            return updates, state._replace(pooled=pooled)
         ls = dict(state.layers)
         if reset_after is not None:  # recovery: the offending layers restart from init
             due_reset = state.consecutive_skips >= reset_after
@@ -246,8 +318,8 @@ def scale_by_curvature(
                 fresh = _keep_first_layer(fresh, ls[n])
                 use = due_reset & state.nonfinite_layers[n]
                 ls[n] = jax.tree.map(lambda a, b: jnp.where(use, a, b), fresh, ls[n])
-        ls = lax.cond(due_stats, collect, lambda s: s, ls)
-        ls = lax.cond(due_refresh, refresh, lambda s: s, ls)
+        ls = _cond(due_stats, collect, ls)
+        ls = _cond(due_refresh, refresh, ls)
         out = list(leaves)
         bad = {}
         for n, layer in found.items():
@@ -260,13 +332,106 @@ def scale_by_curvature(
             out[layer.weight_index] = w
             if b is not None:
                 out[layer.bias_index] = b
+        pooled = None if state.pooled is None else jax.tree.map(jnp.zeros_like, state.pooled)
         return jax.tree_util.tree_unflatten(treedef, out), CurvatureState(
-            optax.safe_int32_increment(state.count), ls, jnp.zeros((), jnp.int32), bad
+            optax.safe_int32_increment(state.count), ls, jnp.zeros((), jnp.int32), bad, pooled
         )
 
     return skip_nonfinite(
         optax.GradientTransformationExtraArgs(init_fn, update_fn), on_nonfinite=on_nonfinite
     )
+
+
+def _cond(pred: Any, fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn(tree)`` where ``pred`` holds, else ``tree`` (``lax.cond``; a Python ``bool`` branches
+    in Python). The result keeps ``tree``'s dtypes: a hyper-parameter injected as an array of a
+    wider dtype (``optax.inject_hyperparams(..., hyperparam_dtype=...)``) must not widen the
+    state."""
+
+    def run(t):
+        return jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype
+                            else new, fn(t), t)
+
+    if isinstance(pred, bool):
+        return run(tree) if pred else tree
+    return lax.cond(pred, run, lambda t: t, tree)
+
+
+# ---- micro-batch pools (pool_micro_batches=True) -------------------------------------------------
+def _empty_pool(templates: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (value, weight)}`` zeros shaped like ``method.templates`` (statistics dtype)."""
+    return {k: (jnp.zeros(t.shape, t.dtype), jnp.zeros((), t.dtype)) for k, t in templates.items()}
+
+
+def _pool_into(pool: Mapping[str, tuple[Any, Any]], stats: Mapping[str, Any]) -> dict:
+    """``pool`` with this batch's ``{key: Stat}`` pooled in (:func:`maccore.engine.pool` on
+    arrays: a row-weighted running mean, or sums of loss terms); keys without a statistic stay."""
+    out = dict(pool)
+    for k, s in stats.items():
+        if k not in pool:
+            raise ValueError(f"statistic {k!r} has no pool (pool keys: {sorted(pool)})")
+        acc, w_acc = pool[k]
+        v = jnp.reshape(jnp.asarray(s.value), acc.shape).astype(acc.dtype)
+        w = jnp.asarray(s.weight, acc.dtype)
+        total = w_acc + w
+        if s.kind == "sum":
+            out[k] = (acc + v, total)
+        elif s.kind == "mean":
+            frac = w / jnp.where(total > 0, total, jnp.ones_like(total))
+            out[k] = (acc + (v - acc) * frac, total)
+        else:
+            raise ValueError(f"statistic {k!r}: kind must be 'mean' or 'sum', got {s.kind!r}")
+    return out
+
+
+def _pooled_reduction(method: maccore.CurvatureMethod, stats: Mapping[str, Any], rf: Any) -> Any:
+    """The loss reduction R of pooled statistics whose weights are arrays: the given ``rf``, the
+    method's own ``reduction_factor``, else for a loss averaged over its terms (``loss_average``
+    not ``None``) ``1/terms`` of the pooled sum statistic (what ``finalize`` computes from a
+    Python weight)."""
+    if rf is not None:
+        return rf
+    hp = method.hyperparameters
+    if hp.get("reduction_factor") is not None or hp.get("loss_average", None) is None:
+        return None
+    sums = [s for s in stats.values() if s.kind == "sum"]
+    return None if not sums else 1.0 / sums[0].weight
+
+
+# ---- optax.masked / optax.multi_transform --------------------------------------------------------
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _check_masked(tree: Any, layout: str, where: str) -> list[str]:
+    """The names of the masked-out parts of ``tree`` (``optax.MaskedNode`` leaves: a layer, or a
+    whole subtree given by a prefix mask); a layer whose kernel is in the subset and whose bias is
+    masked out, or the other way round, raises (a layer is preconditioned as a whole)."""
+    wkey = LAYOUTS[layout]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
+    masked, parts = [], {}
+    for path, leaf in flat:
+        keys = tuple(str(k) for k in _keys(path))
+        is_param = bool(keys) and keys[-1] in (wkey, "bias")
+        if is_param:
+            parts.setdefault(keys[:-1], {})[keys[-1]] = _is_masked(leaf)
+        if _is_masked(leaf):
+            masked.append("/".join(keys[:-1] if is_param else keys))
+    for node, members in parts.items():
+        name = "/".join(node)
+        if len(members) == 2 and members[wkey] != members["bias"]:
+            inside, outside = (wkey, "bias") if not members[wkey] else ("bias", wkey)
+            raise ValueError(
+                f"{where}: layer {name!r} has its {inside} in the masked subset but its "
+                f"{outside} masked out (optax.masked / multi_transform); a layer is "
+                f"preconditioned as a whole: mask its {wkey} and bias together (e.g. a prefix "
+                f"mask {{{name!r}: True}})"
+            )
+    return masked
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + "/") for p in prefixes)
 
 
 def _check_coverage(params: Any, where: str, strict: bool, **kw: Any) -> None:
@@ -292,7 +457,14 @@ def _keep_first_layer(fresh: Any, old: Any) -> Any:
 
 def _attention(layer: Layer, spec: maccore.LayerSpec, x: Any, pleaves: list) -> Any:
     """The attention probabilities ``[B, H, N, N]`` of a fused qkv layer, from q and k of its
-    output (recomputed from the input and the current parameters)."""
+    output (recomputed from the input and the current parameters). A value projection
+    (``layout="v"``) takes them from its activation entry (:class:`AttentionInput`)."""
+    if spec.qkv.layout == "v":
+        raise ValueError(
+            "an attention value projection (QKV(layout='v')) needs the attention probabilities: "
+            "pass its activation as maccore_jax.AttentionInput(x, probs) (the nnx/equinox capture "
+            "helpers do), or declare it Dense() (plain MAC)"
+        )
     w = pleaves[layer.weight_index]
     b = None if layer.bias_index is None else pleaves[layer.bias_index]
     q, k, _ = maccore.split_qkv(layer.forward(x, w, b), spec.qkv.num_heads)
@@ -344,9 +516,10 @@ class _layer_errors:
 
 
 def _match(tree: Any, found: dict[str, Layer], need: list[str], what: str, where: str,
-           excluded: set) -> dict[str, Any]:
+           excluded: set, masked: Iterable[str] = ()) -> dict[str, Any]:
     """``{layer name: array}`` of ``tree`` for the layers ``need`` (entries for other
-    preconditioned or excluded layers are allowed, entries for unknown layers are not)."""
+    preconditioned or excluded layers, and for layers under the ``masked`` names — masked out by
+    ``optax.masked`` — are allowed, entries for unknown layers are not)."""
     if tree is None:
         raise ValueError(
             f"{where}: update needs {what}= (a tree like params with each layer's "
@@ -362,7 +535,7 @@ def _match(tree: Any, found: dict[str, Layer], need: list[str], what: str, where
             f"{where}: {what} missing for layer(s) {desc}; pass them, or exclude a layer "
             f"with skip_layers=[name] (or layers={{name: None}}). {what} has {sorted(got)}"
         )
-    extra = sorted(set(got) - set(found) - excluded)
+    extra = sorted(n for n in set(got) - set(found) - excluded if not _under(n, masked))
     if extra:
         raise ValueError(
             f"{where}: {what} given for {extra}, which are not preconditioned layers of the "
@@ -459,3 +632,119 @@ def skip_nonfinite(
         return out, counted
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------
+def _take_pooled(old: Any, new: Any) -> Any:
+    """``old`` with the ``pooled`` fields of its curvature states taken from ``new`` (same
+    structure; dtypes kept)."""
+    lo, tdef = jax.tree_util.tree_flatten(old, is_leaf=_is_curvature)
+    ln = jax.tree_util.tree_flatten(new, is_leaf=_is_curvature)[0]
+    out = [o._replace(pooled=jax.tree.map(lambda a, b: b.astype(a.dtype), o.pooled, n.pooled))
+           if _is_curvature(o) and o.pooled is not None else o for o, n in zip(lo, ln)]
+    return jax.tree_util.tree_unflatten(tdef, out)
+
+
+def _empty_pools(state: Any) -> Any:
+    return map_curvature_states(
+        lambda c: c if c.pooled is None else c._replace(
+            pooled=jax.tree.map(jnp.zeros_like, c.pooled)), state)
+
+
+class MultiSteps(optax.MultiSteps):
+    """``optax.MultiSteps`` (gradient accumulation over ``every_k_schedule`` micro-batches) that
+    also pools the curvature statistics of EVERY micro-batch, so that a step equals one step on
+    the concatenated batch (``optax.MultiSteps`` itself keeps the inner state of the last
+    micro-batch only, so only its activations would reach the statistics).
+
+    ``opt`` is built with ``pool_micro_batches=True`` (``maccore_jax.mac(...,
+    pool_micro_batches=True)``, ``kfac``, ``singd``, ``scale_by_*``, alone or inside
+    ``optax.chain`` / ``masked`` / ``multi_transform`` / ``inject_hyperparams``). Every call
+    passes the micro-batch's ``activations=`` / ``output_grads=`` as usual. Between steps the
+    curvature transformations pool the micro-batch's statistics into
+    :attr:`CurvatureState.pooled` (``update(..., accumulate_only=True)``; every other state is
+    kept as it was, as ``optax.MultiSteps`` does); at the k-th micro-batch the step runs on the
+    accumulated gradients with the pooled statistics of all k micro-batches, and the pools are
+    emptied.
+
+    Scaling (so that it equals the full batch): with ``use_grad_mean=True`` (default) the step's
+    gradient is the mean of the k micro-batch gradients, i.e. the gradient of the mean loss
+    ``(1/k) Σ L_i``; the output gradients of that loss are ``g_i / k``, so ``output_grads`` are
+    divided by k before their statistics are taken. With k equal-sized micro-batches and a loss
+    averaged over the batch (``loss_average="batch"``, the default; KFAC/SINGD's R is then
+    ``1/(k·n)`` from the pooled counts) the statistics are those of the concatenated batch.
+    ``use_grad_mean=False`` (summed gradients of ``Σ L_i``) leaves ``output_grads`` as they are:
+    the full batch of a summed loss (``loss_average=None``).
+
+    Other arguments as ``optax.MultiSteps`` (``accumulator_dtype`` defaults to float32 there and
+    here: pass ``jnp.float64`` for float64 parameters). A micro-batch whose statistics are not
+    finite is left out of the pool (its non-finite gradient then skips the step).
+    """
+
+    def init(self, params: Any) -> optax.MultiStepsState:
+        state = super().init(params)
+        plain = [c for c in curvature_states(state.inner_opt_state) if c.pooled is None]
+        if plain:
+            raise ValueError(
+                "maccore_jax.MultiSteps: the wrapped optimizer has curvature transformations "
+                "built without pool_micro_batches=True, whose statistics would only see the last "
+                "micro-batch; build them with pool_micro_batches=True (e.g. "
+                "maccore_jax.mac(lr, pool_micro_batches=True))"
+            )
+        return state
+
+    def update(self, updates: Any, state: optax.MultiStepsState, params: Any = None,
+               **extra_args: Any) -> tuple[Any, optax.MultiStepsState]:
+        k_steps = self._every_k_schedule(state.gradient_step)
+        should_skip, skip_state = self._should_skip_update_fn(updates, state.gradient_step,
+                                                              params)
+        if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
+            raise ValueError(
+                "The `should_skip_update_fn` function should return a boolean scalar array, but "
+                f"it returned an array of dtype {should_skip.dtype} and shape {should_skip.shape}"
+            )
+        if self._use_grad_mean and extra_args.get("output_grads") is not None:
+            extra_args = dict(extra_args)
+            extra_args["output_grads"] = jax.tree.map(
+                lambda g: (g / k_steps).astype(g.dtype), extra_args["output_grads"])
+
+        def keep_dtypes(new, old):
+            return jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new, old)
+
+        def do_update(updates, state, params):
+            acc_grads = jax.tree.map(
+                lambda u, acc: self._acc_update(u, acc, n_acc=state.mini_step),
+                updates, state.acc_grads)
+            grads = optax.tree.cast_like(acc_grads, updates)
+            emit = state.mini_step == (k_steps - 1)
+
+            def step(_):
+                out, new = self._opt.update(grads, state.inner_opt_state, params=params,
+                                            **extra_args)
+                return out, keep_dtypes(_empty_pools(new), state.inner_opt_state)
+
+            def pool_only(_):
+                out, new = self._opt.update(grads, state.inner_opt_state, params=params,
+                                            accumulate_only=True, **extra_args)
+                return (jax.tree.map(jnp.zeros_like, out),
+                        _take_pooled(state.inner_opt_state, new))
+
+            final_updates, inner = lax.cond(emit, step, pool_only, None)
+            new_state = optax.MultiStepsState(
+                mini_step=optax.safe_int32_increment(state.mini_step) % k_steps,
+                gradient_step=emit * optax.safe_int32_increment(state.gradient_step)
+                + (1 - emit) * state.gradient_step,
+                inner_opt_state=inner,
+                acc_grads=jax.tree.map(
+                    lambda ga: jnp.astype((1 - emit) * ga, self._accumulator_dtype), acc_grads),
+                skip_state=skip_state,
+            )
+            return final_updates, new_state
+
+        def skip_update(updates, state, params):
+            zeros, _ = jax.eval_shape(
+                lambda: do_update(updates, state, params))
+            return (jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), zeros),
+                    state._replace(skip_state=skip_state))
+
+        return lax.cond(should_skip, skip_update, do_update, updates, state, params)

@@ -1,11 +1,14 @@
 """Argument checks of the optax transformations (shape and value errors are raised where the
 arrays are known: :mod:`maccore_jax.transform`).
 
-Hyper-parameters that only enter arithmetic (learning rate, momentum, weight decay, damping) may be
-0-d arrays — e.g. under ``optax.inject_hyperparams``, which turns every number into an array;
-their values are checked only when they can be read (not while traced). Hyper-parameters that
-shape the computation (``t_cov``, ``t_inv``, ``stat_decay``, ``T``) must be Python numbers; with
-``optax.inject_hyperparams`` name them in ``static_args`` (:data:`STATIC_HINT`).
+Every numeric hyper-parameter may be a 0-d array — e.g. under ``optax.inject_hyperparams``, which
+turns every number into an array (traced under ``jax.jit``): the learning rate, momentum, weight
+decay, damping and the EMA decay ``stat_decay`` enter arithmetic only, and the periods ``t_cov``,
+``t_inv`` and ``T`` (0-d integer arrays) enter the schedule as ``count % period == 0`` (array
+arithmetic, :func:`maccore.is_due`). Values are checked when they can be read (Python numbers,
+concrete arrays); a traced value is used as it is, without Python branching on it. Options that are
+not numbers (strings, booleans, layer lists) stay Python values (``inject_hyperparams`` leaves them
+static by itself).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ __all__ = [
 NONFINITE = (None, "skip", "raise")
 WD_MODES = ("coupled", "decoupled")
 STATIC = ("stat_decay", "t_cov", "t_inv", "T")
-STATIC_HINT = (
-    "with optax.inject_hyperparams, keep the schedule and the EMA decay static: "
-    "optax.inject_hyperparams(maccore_jax.mac, static_args=('stat_decay', 't_cov', 't_inv'))"
+STATIC_HINT = (  # no longer needed: every numeric hyper-parameter may be injected (kept for imports)
+    "optax.inject_hyperparams(maccore_jax.mac) injects every numeric hyper-parameter, "
+    "t_cov / t_inv / T and stat_decay included; no static_args are needed"
 )
 
 
@@ -72,17 +75,32 @@ def check_nonnegative(v: Any, name: str, where: str) -> None:
 
 
 def check_static(v: Any, name: str, where: str) -> None:
-    """Structural hyper-parameters are Python values (never arrays: they fix the traced program)."""
+    """A structural hyper-parameter (``stat_decay``): a Python number or a 0-d real array (an
+    injected hyper-parameter; its value is checked by the core where it can be read). Kept under
+    its old name: these used to have to be Python numbers."""
     if _is_array(v):
-        raise TypeError(
-            f"{where}: {name} must be a Python number, got an array ({type(v).__name__}); "
-            f"{STATIC_HINT}"
-        )
+        real = any(jnp.issubdtype(v.dtype, k) for k in (jnp.floating, jnp.integer))
+        if tuple(v.shape) != () or not real:
+            raise TypeError(
+                f"{where}: {name} must be a number or a 0-d real array, got an array of shape "
+                f"{list(v.shape)} and dtype {v.dtype}"
+            )
 
 
-def check_period(v: Any, name: str, where: str) -> int:
-    """A positive Python integer (a statistics / refresh period)."""
-    check_static(v, name, where)
+def check_period(v: Any, name: str, where: str) -> Any:
+    """A positive integer period (statistics / refresh): a Python int (returned as ``int``) or a
+    0-d integer array (``optax.inject_hyperparams``; its value checked when it can be read,
+    returned as it is — the schedule then runs on array arithmetic)."""
+    if _is_array(v):
+        if tuple(v.shape) != () or not jnp.issubdtype(v.dtype, jnp.integer):
+            raise ValueError(
+                f"{where}: {name} must be a positive integer or a 0-d integer array, got an array "
+                f"of shape {list(v.shape)} and dtype {v.dtype}"
+            )
+        value = _value(v)
+        if value is not None and value < 1:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {int(value)!r}")
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
     return int(v)

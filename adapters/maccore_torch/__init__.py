@@ -3,7 +3,10 @@
 - :class:`MAC` / :class:`MACPreconditioner` — MAC and SMAC (docs/math.md), reference-exact.
 - :class:`KFAC` / :class:`KFACPreconditioner` — exact KFAC with canonical factor scaling (§1).
 - :func:`layer_spec` — the type registry (``functools.singledispatch``) deciding which modules are
-  preconditioned; :data:`QKV` (= :class:`maccore.QkvSpec`) declares fused qkv projections.
+  preconditioned; :data:`QKV` (= :class:`maccore.QkvSpec`) declares fused qkv projections;
+  :class:`AttentionModule` declares attention modules that return their probabilities
+  (separate q/k/v projections, Hugging Face eager attention; :func:`find_attention` /
+  ``attention="auto"`` finds them).
 
 The adapter only discovers layers, captures arrays with hooks and moves gradients; each optimizer
 drives a :class:`maccore.engine.CurvatureMethod` (statistics, pooling, schedule, update, refresh,
@@ -18,17 +21,19 @@ apply: every formula lives in ``maccore``). Modules: ``specs`` (layer discovery)
 from maccore import QkvSpec
 
 from maccore_torch._base import HookedPreconditioner
+from maccore_torch.attention import AttentionModule
 from maccore_torch.kfac import KFAC, KFACPreconditioner
 from maccore_torch.mac import MAC, MACPreconditioner
 from maccore_torch.optimizer import CurvatureOptimizer
 from maccore_torch.portable import load_portable, save_portable
 from maccore_torch.singd import SINGD, SINGDPreconditioner
-from maccore_torch.specs import UnsupportedLayerError, discover_layers, layer_spec
+from maccore_torch.specs import UnsupportedLayerError, discover_layers, find_attention, layer_spec
 from maccore_torch import testing  # noqa: F401,E402  (maccore_torch.testing.curvature_blocks)
 
 QKV = QkvSpec
 
 __all__ = [
+    "AttentionModule",
     "KFAC",
     "KFACPreconditioner",
     "MAC",
@@ -41,6 +46,7 @@ __all__ = [
     "HookedPreconditioner",
     "UnsupportedLayerError",
     "discover_layers",
+    "find_attention",
     "layer_spec",
     "load_portable",
     "save_portable",

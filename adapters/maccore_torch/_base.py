@@ -23,6 +23,7 @@ no stale, overflowed statistics behind).
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -44,6 +45,32 @@ __all__ = ["HookedPreconditioner", "XP"]
 
 XP = array_api_compat.array_namespace(torch.empty(0))
 _NONFINITE = (None, "skip", "raise")
+
+
+def _unwrap_compiled(model: Any) -> Any:
+    """The module inside a ``torch.compile(model)`` wrapper (``OptimizedModule``): layer names,
+    hooks and checkpoints are those of the eager model; its forwards go through the compiled
+    graph (the hooks cooperate with it, :mod:`maccore_torch.hooks`)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(dynamo, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
+
+
+def _dynamo_compiled() -> bool:
+    """Whether ``torch.compile`` has compiled any graph in this process."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    try:
+        return bool(counters and counters["stats"]["unique_graphs"])
+    except Exception:  # a torch version without this counter
+        return False
+
+
+_NO_PICKLE = ("{cls} cannot be pickled or copied: it holds hooks on its model. Checkpoint with "
+              "state_dict() and restore with load_state_dict() on a new {cls} built on the model "
+              "(torch.save(model) / copy.deepcopy(model) work and leave inert hooks on the copy)")
 
 
 def _param_ids(params: Iterable[Any] | None) -> set[int] | None:
@@ -242,7 +269,9 @@ class HookedPreconditioner:
             raise ValueError(f"on_nonfinite must be one of {_NONFINITE}, got {on_nonfinite!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = _unwrap_compiled(model)
         self.model = model
+        self._compile_warned = False
         self.curvature = curvature
         self.t_cov, self.t_inv = t_cov, t_inv
         self.loss_scale = LossScale(grad_scaler)
@@ -258,7 +287,8 @@ class HookedPreconditioner:
         params = None if params is None else list(params)  # (a generator is read twice)
         self._grad_scope = _param_ids(params)
         self.strict = bool(strict)
-        self._attention = dict(attention or {})
+        self._attention = (attention if isinstance(attention, str)  # "auto": discover_layers
+                           else dict(attention or {}))
         self._skip_names = list(skip_layers or ())
         self._params = None if params is None else list(_flat_params(params))
         self.layers: list[Layer] = []
@@ -283,6 +313,7 @@ class HookedPreconditioner:
             w = layer.weight
             with _layer_errors(self.method, layer):
                 layer.state = self.curvature.init(layer.spec, xp=XP, dtype=w.dtype, device=w.device)
+        distributed.check_shardable(self.method, self.curvature, new)  # FSDP2: row-local only
         self.layers = self.layers + new
         if self._capture is not None:
             self._capture.remove()
@@ -406,6 +437,8 @@ class HookedPreconditioner:
         assigned yet) and precondition ``.grad``. ``None``: the step was skipped (non-finite
         gradients or statistics)."""
         collect, refresh = schedule(self._t, t_cov=self.t_cov, t_inv=self.t_inv)
+        if collect:
+            self._check_captured()
         stats = self._gather() if collect else [{} for _ in self.layers]
         check = None if check is None else list(check)
         if self.on_nonfinite is not None:
@@ -533,6 +566,9 @@ class HookedPreconditioner:
         gw = layer.weight.grad
         if gw is None:
             return
+        if distributed.is_sharded(gw):  # FSDP2: this rank's rows only (distributed.py)
+            distributed.precondition_shard(self.curvature, layer, layer.state if state is None else state)
+            return
         gb = None if layer.bias is None else layer.bias.grad
         inplace = _writable(gw) and (gb is None or _writable(gb))
         if layer.transposed:  # weight stored [d_in, d_out]: the core sees the [d_out, d_in] view
@@ -630,6 +666,30 @@ class HookedPreconditioner:
     def _on_first_layer_fixed(self, layer: Layer) -> None:
         """A layer's state changed what it captures (a fixed first-layer inverse): re-attach."""
         self._sync_hooks()
+
+    def _check_captured(self) -> None:
+        """A collecting step where no hook ran although layers in training mode have gradients,
+        after ``torch.compile`` compiled something: the model was most likely compiled (and run)
+        BEFORE this preconditioner attached its hooks — dynamo does not see hooks added later,
+        so no statistics would ever be collected. Warn once (it cannot be told apart for sure
+        from gradients set by hand without a forward)."""
+        capture = self._capture
+        if self._compile_warned or capture is None or capture._removed or capture.fired:
+            return
+        if not any(l.weight.grad is not None and any(m.training for m in l.modules)
+                   for l in self.layers) or not _dynamo_compiled():
+            return
+        self._compile_warned = True
+        warnings.warn(
+            f"{self.method}: step {self.t} collects statistics but none of the preconditioner's "
+            "hooks ran although its layers have gradients. If the model was run through "
+            "torch.compile before this optimizer was created, the compiled graph does not call "
+            "hooks attached later: create the optimizer before the first compiled forward, or "
+            "call torch.compiler.reset() after creating it (docs/models/torch.md, 'Training "
+            "loops')", RuntimeWarning, stacklevel=_user_stacklevel())
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NO_PICKLE.format(cls=type(self).__name__))
 
     def remove_hooks(self) -> None:
         """Detach from the model (no more statistics are collected)."""

@@ -6,8 +6,23 @@ qkv projections / ``nn.MultiheadAttention`` the attention probabilities recomput
 hook on the output whose gradient goes to ``CurvatureMethod.grad_statistics`` (only for layers
 where ``wants_grads``). Micro-batches of one step are pooled with :func:`maccore.engine.pool_stats`
 into ``Layer.acc`` (forwards) and ``Layer.grad_acc`` (backwards). Only modules in training mode
-with grad enabled contribute. Hooks are attached only while the step collects statistics, and only
-to modules with a layer that still wants them (e.g. not a first layer with a fixed inverse).
+with grad enabled contribute. Each module keeps ONE hook for the capture's lifetime; a per-module
+gate (:class:`_Gate`) decides whether it calls in — on for the steps that collect statistics and
+only for modules with a layer that still wants them (e.g. not a first layer with a fixed inverse).
+A projection declared with :class:`~maccore_torch.AttentionModule` keeps its input until the hook
+of its attention module reads the probabilities the module returned (``_on_attention``).
+
+``torch.compile`` (docs/models/torch.md, "Training loops"): dynamo traces module hooks into the
+graph and does not guard on hook dictionaries, so hooks attached or detached after the first
+compile would be ignored or stale. Hence the hooks stay attached, the gate is read by the hook
+itself (dynamo guards on it: one compiled variant per gate value, never a baked-in decision),
+every hook also reads ``_REGISTRY.epoch`` (changed whenever a capture attaches or detaches, so
+cached graphs are retraced), and the statistics themselves are computed outside the graph (a
+``torch._dynamo``-disabled call: a graph break at each hooked module on collecting steps only).
+
+Copies: the hooks are :class:`_CaptureHook` objects holding their capture by weak reference; a
+``copy.deepcopy``, ``pickle`` or ``torch.save`` of the model turns them into :class:`_InertHook`
+placeholders that do nothing (a copy — e.g. an EMA model — never feeds the optimizer).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from torch import nn
 import maccore
 from maccore.engine import CurvatureMethod, pool_stats
 
-from maccore_torch.attention import capture_mha, qkv_probs, to_batch_first
+from maccore_torch.attention import capture_mha, module_probs, qkv_probs, to_batch_first
 from maccore_torch.numerics import LossScale, stats_mode
 from maccore_torch.specs import Layer
 
@@ -42,15 +57,93 @@ def _unsqueeze0(t: torch.Tensor) -> torch.Tensor:
 _HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 
 
-def _call_weak(ref: Any, name: str, *args: Any) -> None:
-    """``capture.name(*args)`` while the capture lives — and only for its own modules (a
-    ``copy.deepcopy`` of the model copies the hooks, not the capture)."""
+class _Registry:
+    """``epoch`` changes whenever a capture attaches or detaches its hooks; every hook reads it, so
+    graphs compiled by ``torch.compile`` before the change fail their guards and are retraced
+    (dynamo does not guard on the hook dictionaries themselves)."""
+
+    def __init__(self) -> None:
+        self.epoch = "0"
+        self.count = 0
+
+    def bump(self) -> None:
+        self.count += 1
+        self.epoch = str(self.count)  # a string: dynamo guards on its exact value
+
+
+_REGISTRY = _Registry()
+
+
+class _Gate:
+    """Whether one module's hook calls into its capture (``on``: a collecting step and a layer
+    of the module wants statistics). Read by the hook, so dynamo guards on it."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+def _dispatch(ref: Any, name: str, key: int | None, args: tuple) -> None:
+    """``capture.name(*args)`` while the capture lives and only for its own modules (a shallow
+    copy of a module shares its hook dictionary)."""
     capture = ref()
-    if capture is None:
+    if capture is None or capture._removed:
         return
-    module = args[1] if name == "_on_forward" else args[0]
-    if module is capture.model or id(module) in capture._by_module:
-        getattr(capture, name)(*args)
+    if key is None:  # the model's pre-hook: (module, args)
+        if args[0] is capture.model:
+            getattr(capture, name)(*args)
+        return
+    entry = capture._by_module.get(key)  # a module's forward hook: (module, args, kwargs, output)
+    if entry is not None and entry[0] is args[0]:
+        capture.fired += 1
+        getattr(capture, name)(entry[1], *args)
+
+
+# the statistics run outside any torch.compile graph (a graph break on collecting steps only):
+# ``torch._disable_dynamo`` runs ``_dispatch`` under ``torch._dynamo.disable`` (nothing in it is
+# traced), importing torch._dynamo lazily, so eager-only programs never import it
+_dispatch_eager_only = torch._disable_dynamo(_dispatch)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _dispatch_outside(*args: Any) -> None:
+    """The hook's eager path. Once torch._dynamo is loaded, a frame called from a compiled
+    region's eager fallback would itself be compiled: go through the disabled call then too."""
+    if "torch._dynamo" in sys.modules:
+        _dispatch_eager_only(*args)
+    else:
+        _dispatch(*args)
+
+
+class _CaptureHook:
+    """A module hook of a :class:`LayerCapture`: a plain object holding the capture by weak
+    reference (it never keeps a preconditioner alive). ``copy.deepcopy`` / ``pickle`` /
+    ``torch.save`` of the hooked model store an :class:`_InertHook` in its place."""
+
+    def __init__(self, capture: "LayerCapture", name: str, key: int | None, gate: _Gate):
+        self.ref, self.name, self.key, self.gate = weakref.ref(capture), name, key, gate
+
+    def __call__(self, *args: Any) -> None:
+        if _REGISTRY.epoch == "" or not self.gate.on:
+            return None
+        if _is_compiling():
+            _dispatch_eager_only(self.ref, self.name, self.key, args)
+        else:
+            _dispatch_outside(self.ref, self.name, self.key, args)
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a :class:`_CaptureHook` becomes in a copy of the model: a hook that does nothing (the
+    copy is not the optimizer's model; its forwards collect no statistics)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<maccore_torch inert hook (a copy of a hooked model)>"
 
 
 def _remove_all(handles: dict, extra: list) -> None:
@@ -58,6 +151,7 @@ def _remove_all(handles: dict, extra: list) -> None:
         h.remove()
     handles.clear()
     extra.clear()
+    _REGISTRY.bump()
 
 
 class LayerCapture:
@@ -70,13 +164,25 @@ class LayerCapture:
         for layer in layers:
             for m in layer.modules:
                 self._by_module.setdefault(id(m), (m, []))[1].append(layer)
+            if layer.attention is not None:  # its attention module returns the probabilities
+                src = layer.attention.module
+                self._by_module.setdefault(id(src), (src, []))[1].append(layer)
+        self._waiting: dict[int, list] = {}  # id(layer) -> inputs waiting for the probabilities
         self._handles: dict[int, Any] = {}
+        self._gates: dict[int, _Gate] = {}
         self._active = False
         self._removed = False
-        me = weakref.ref(self)
+        self.fired = 0  # module hooks that called in since the last discard()
+        # one hook per module for the capture's lifetime (see the module docstring)
+        for key, (m, _) in self._by_module.items():
+            gate = self._gates[key] = _Gate()
+            self._handles[key] = m.register_forward_hook(
+                _CaptureHook(self, "_on_forward", key, gate), with_kwargs=True)
+        self._scale_gate = _Gate()
         self._scale_hook = (model.register_forward_pre_hook(
-            functools.partial(_call_weak, me, "_on_model_forward"))
+            _CaptureHook(self, "_on_model_forward", None, self._scale_gate))
             if loss_scale.scaler is not None else None)
+        _REGISTRY.bump()
         self._finalizer = weakref.finalize(self, _remove_all, self._handles,
                                            [] if self._scale_hook is None else [self._scale_hook])
         self._warn_if_hooked()
@@ -106,32 +212,36 @@ class LayerCapture:
         return self.method.wants_input(spec, layer.state) or self.method.wants_grads(spec)
 
     def sync(self, collecting: bool) -> None:
-        """Attach the forward hooks for a collecting step (to the modules whose layers want
-        statistics), detach them otherwise."""
+        """Open the gates of the hooks for a collecting step (of the modules whose layers want
+        statistics), close them otherwise. The hooks themselves stay attached."""
         self._active = collecting and not self._removed
-        want = set()
-        if self._active:
-            want = {key for key, (_, layers) in self._by_module.items()
-                    if any(self._wanted(layer) for layer in layers)}
-        for key in [k for k in self._handles if k not in want]:
-            self._handles.pop(key).remove()
-        for key in want:
-            if key not in self._handles:
-                m, layers = self._by_module[key]
-                hook = functools.partial(_call_weak, weakref.ref(self), "_on_forward", layers)
-                self._handles[key] = m.register_forward_hook(hook, with_kwargs=True)
+        for key, (_, layers) in self._by_module.items():
+            gate = self._gates.get(key)
+            if gate is None:
+                continue
+            on = self._active and any(self._wanted(layer) for layer in layers)
+            if gate.on != on:
+                gate.on = on
+        if self._scale_gate.on != self._active:
+            self._scale_gate.on = self._active
 
     def remove(self) -> None:
         """Detach from the model for good."""
+        self._removed = True
+        self.sync(False)
         if self._scale_hook is not None:
             self._scale_hook.remove()
             self._scale_hook = None
-        self._removed = True
-        self.sync(False)
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        _REGISTRY.bump()
 
     # ------------------------------------------------------------------ statistics
     def discard(self) -> None:
         """Drop every statistic gathered since the last step."""
+        self.fired = 0
+        self._waiting.clear()
         for layer in self.layers:
             layer.acc = {}
             layer.grad_acc = {}
@@ -150,6 +260,10 @@ class LayerCapture:
 
     def _on_forward(self, layers: list[Layer], module: nn.Module, args: tuple, kwargs: dict,
                     output: Any) -> None:
+        src = layers[0].attention
+        if src is not None and module is src.module:
+            self._on_attention(layers, module, output)
+            return
         if not (self._active and module.training and torch.is_grad_enabled()):
             return
         if isinstance(module, nn.MultiheadAttention):
@@ -164,7 +278,11 @@ class LayerCapture:
             xs, out, fix = x.detach(), output.detach(), None
             if spec.kind is maccore.LayerKind.CONV2D and xs.ndim == 3:  # unbatched [C, H, W]
                 xs, out, fix = xs.unsqueeze(0), out.unsqueeze(0), _unsqueeze0
-            if method.wants_input(spec, layer.state):
+            if (layer.attention is not None and method.wants_attention(spec)
+                    and method.wants_input(spec, layer.state)):
+                # completed by the attention module's hook, with the probabilities it returns
+                self._waiting.setdefault(id(layer), []).append(xs)
+            elif method.wants_input(spec, layer.state):
                 with stats_mode(xs):
                     attn = None
                     if method.wants_attention(spec) and out.ndim == 3:
@@ -173,6 +291,25 @@ class LayerCapture:
                 layer.acc = pool_stats(layer.acc, stats)
             if output.requires_grad and method.wants_grads(spec):
                 output.register_hook(functools.partial(self._on_grad, layer, spec, fix))
+
+    def _on_attention(self, layers: list[Layer], module: nn.Module, output: Any) -> None:
+        """An :class:`~maccore_torch.AttentionModule` returned: the inputs its projections saw in
+        this forward get their statistics with the probabilities it returned."""
+        waiting = [(layer, self._waiting.pop(id(layer), [])) for layer in layers
+                   if layer.attention is not None and layer.attention.module is module]
+        if not (self._active and module.training and torch.is_grad_enabled()):
+            return
+        for layer, inputs in waiting:
+            if not inputs:
+                continue  # the projection did not collect in this forward
+            if len(inputs) > 1:
+                raise RuntimeError(f"attention[{layer.attention.name!r}]: {layer.name} ran "
+                                   f"{len(inputs)} times in one forward of its attention module")
+            x, spec = inputs[0], layer.spec
+            with stats_mode(x):
+                attn = module_probs(layer.attention, output, x, layer.name, spec.qkv.num_heads)
+                stats = self.method.input_statistics(spec, layer.state, x, attn=attn)
+            layer.acc = pool_stats(layer.acc, stats)
 
     def _on_forward_mha(self, layers: list[Layer], module: nn.MultiheadAttention, args: tuple,
                         kwargs: dict, output: Any) -> None:

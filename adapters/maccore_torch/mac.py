@@ -13,15 +13,25 @@ Fused qkv layers (declared ``attention={"blocks.0.attn.qkv": QKV(num_heads=H)}``
 (:func:`maccore.attention_weighted_mean`; ``mode="reference"``: one head-averaged, batch-factorised
 v̄; ``"per_head"``: the exact mean of each head applied to its d_h rows; ``"off"``: ā everywhere).
 For cross-attention (query is not key/value) the Q, K and V blocks use the plain means of their own
-inputs (no attention weighting). SMAC (``diagonal=True``) adds the left factor diag(1/(ẑ+λ)) with
-ẑ the EMA of E_rows[g⊙g] of the output gradients (not for qkv / MHA in-projections, as the
-published code).
+inputs (no attention weighting).
+
+Separate q/k/v projections (Hugging Face Llama, BERT, ViT; declared
+``attention={"model.layers.0.self_attn": AttentionModule(value="v_proj")}`` or
+``attention="auto"``): q and k keep ā, the value projection gets the attention-weighted mean of
+the probabilities the attention module itself returns (``"per_head"``: one factor per value head;
+grouped-query attention: the mean over the head's query group). GPT-2's fused ``c_attn`` can take
+the model's own probabilities the same way (``AttentionModule(qkv="c_attn")``).
+
+SMAC (``diagonal=True``) adds the left factor diag(1/(ẑ+λ)) with ẑ the EMA of E_rows[g⊙g] of the
+output gradients (not for fused qkv / MHA in-projections, as the published code; value projections
+of separate q/k/v keep it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Iterable, Mapping
 
 from torch import nn
@@ -31,6 +41,7 @@ from maccore.engine import first_layer_inverse, mac_method, with_first_layer
 
 from maccore_torch import distributed
 from maccore_torch._base import HookedPreconditioner
+from maccore_torch.attention import implementation_error
 from maccore_torch.hooks import layer_inputs
 from maccore_torch.numerics import stats_mode
 from maccore_torch.optimizer import CurvatureOptimizer
@@ -53,7 +64,12 @@ class MACPreconditioner(HookedPreconditioner):
         stat_decay: EMA decay β. damping: λ. t_cov / t_inv: statistics / refresh periods.
         scale: ``"reference"`` (published code, λ·(ââᵀ+λI)⁻¹) or ``"inverse"`` ((ââᵀ+λI)⁻¹).
         attention: ``{module name: maccore.QkvSpec}`` for fused qkv Linear layers (layout (3, H, d_h)
-            along the output) and optional modes for ``nn.MultiheadAttention`` modules.
+            along the output; probabilities recomputed) and optional modes for
+            ``nn.MultiheadAttention`` modules; ``{attention module name: AttentionModule(...)}``
+            for attention modules returning their probabilities (separate q/k/v projections or a
+            fused qkv); ``"auto"``: the Hugging Face attention modules
+            (:func:`maccore_torch.find_attention`; build the model with
+            ``attn_implementation="eager"``).
         params: the parameters being optimised (default: all trainable ones); layers outside are
             left alone.
         diagonal: SMAC's diagonal output factor.
@@ -101,14 +117,30 @@ class MACPreconditioner(HookedPreconditioner):
                          skip_layers=skip_layers, grad_scaler=grad_scaler, on_nonfinite=on_nonfinite,
                          process_group=process_group, strict=strict,
                          warn_after=warn_after, reset_after=reset_after)
+        if attention == "auto" and not any(l.attention is not None or l.role == "mha"
+                                           for l in self.layers):
+            warnings.warn(f"{self.method}: attention='auto' found no attention module (Hugging "
+                          "Face *Attention modules with q/k/v or c_attn projections); every "
+                          "projection gets the plain mean activation", UserWarning, stacklevel=2)
+        for layer in self.layers:  # sdpa / flash attention returns no probabilities: say so now
+            if layer.attention is not None and self.curvature.wants_attention(layer.spec):
+                why = implementation_error(layer.attention)
+                if why is not None:
+                    self.remove_hooks()
+                    raise ValueError(f"{self.method}: {why}")
 
     def _describe(self, layer: Layer) -> str:
         smac = " + SMAC diagonal" if self.curvature.wants_grads(layer.spec) else ""
         if layer.first_inv is not None:
             return f"first-layer inverse (A+λI)^-1{smac}"
         qkv = layer.spec.qkv
+        src = "" if layer.attention is None else f", probabilities of {layer.attention.name}"
+        if qkv is not None and qkv.layout == "v":
+            kv = f", H_kv={qkv.kv_heads}" if qkv.kv_heads != qkv.num_heads else ""
+            what = "attention-weighted V" if qkv.mode != "off" else "value projection"
+            return f"MAC {what} (V: {qkv.mode}, H={qkv.num_heads}{kv}{src}){smac}"
         if qkv is not None:
-            return f"MAC fused qkv (V: {qkv.mode}, H={qkv.num_heads})"
+            return f"MAC fused qkv (V: {qkv.mode}, H={qkv.num_heads}{src})"
         return f"MAC rank-1 ({layer.spec.kind.value}){smac}"
 
     def fit_first_layer(self, batches: Iterable[Any], *, layer: str | None = None) -> str:

@@ -39,6 +39,17 @@ def _fused_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether every floating entry of ``tensors`` (``None`` skipped) is finite, with one host sync.
+    Sharded tensors (FSDP2 DTensors) are checked on their local shards and the answer is agreed
+    over their meshes (one small all-reduce), so every rank skips the same steps."""
+    from maccore_torch import distributed  # noqa: PLC0415
+
+    local, groups = distributed.localize(tensors)
+    flag = _local_all_finite(local)
+    return distributed.agree(flag, groups) if groups else flag
+
+
+def _local_all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """:func:`all_finite` on plain tensors, with one host sync.
 
     Per (device, dtype) one fused kernel (:func:`_fused_flag`); tensors that are part of a graph
     (``create_graph=True``), sparse ones and groups without the kernel go through the public

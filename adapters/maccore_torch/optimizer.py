@@ -14,11 +14,21 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from maccore_torch import distributed
 from maccore_torch.numerics import all_finite
 
 __all__ = ["CurvatureOptimizer"]
 
 _WD_MODES = ("coupled", "decoupled")
+
+
+def _foreach_copy(dst: list, src: list) -> None:
+    """``torch._foreach_copy_``; per tensor for FSDP2 DTensors (no foreach sharding rule)."""
+    if any(distributed.is_sharded(t) for t in dst):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst, src)
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -108,7 +118,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for ps, values, bufs in plans:
             if not ps:
                 continue
-            torch._foreach_copy_(ps, values)
+            _foreach_copy(ps, values)
             olds, news = [], []
             for p, b in zip(ps, bufs):
                 state = self.state[p]
@@ -119,7 +129,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     olds.append(old)
                     news.append(b)
             if olds:
-                torch._foreach_copy_(olds, news)
+                _foreach_copy(olds, news)
         return loss
 
     def _drop_reset_momenta(self) -> None:
@@ -194,6 +204,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not coupled and wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         torch._foreach_add_(ps, ds, alpha=-lr)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """``pickle`` / ``copy.deepcopy`` / ``copy.copy`` / ``torch.save(opt)`` raise a clear
+        ``TypeError``: the optimizer holds a preconditioner hooked on its model, which a copy
+        cannot carry. Checkpoint with :meth:`state_dict` / :meth:`load_state_dict`."""
+        from maccore_torch._base import _NO_PICKLE  # noqa: PLC0415  (_base imports this module)
+
+        raise TypeError(_NO_PICKLE.format(cls=type(self).__name__))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

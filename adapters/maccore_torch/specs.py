@@ -36,8 +36,10 @@ from torch import nn
 from maccore import ConvSpec, LayerKind, LayerSpec, QkvSpec
 from maccore.engine import with_first_layer
 
-__all__ = ["Skipped", "UnsupportedLayerError", "coverage", "discover_layers", "layer_spec",
-           "weight_layout"]
+from maccore_torch.attention import AttentionModule, AttentionSource, check_recomputable, module_heads
+
+__all__ = ["Skipped", "UnsupportedLayerError", "coverage", "discover_layers", "find_attention",
+           "layer_spec", "weight_layout"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -129,6 +131,8 @@ class Layer:
     bias: nn.Parameter | None
     transposed: bool = False  # weight stored [d_in, d_out] (weight_layout "in_out")
     tied: list = field(default_factory=list)  # names of other modules (embeddings) sharing the weight
+    # declared with AttentionModule: the module whose returned probabilities feed the V statistics
+    attention: AttentionSource | None = None
     state: Any = None  # the layer's state of the preconditioner's maccore.engine.CurvatureMethod
     updates: int = 0  # number of statistics folds (Python mirror of the EMA count: no device sync)
     acc: dict = field(default_factory=dict)  # {key: maccore.engine.Stat} of this step's forwards
@@ -183,7 +187,7 @@ def _mha_layers(name: str, m: nn.MultiheadAttention, qkv: QkvSpec | None) -> lis
 def discover_layers(
     model: nn.Module,
     *,
-    attention: Mapping[str, QkvSpec] | None = None,
+    attention: Mapping[str, QkvSpec | AttentionModule] | str | None = None,
     skip: Iterable[str] | None = None,
     param_ids: set[int] | None = None,
 ) -> list[Layer]:
@@ -191,7 +195,11 @@ def discover_layers(
 
     Args:
         attention: ``{module name: QkvSpec}`` declaring fused qkv ``nn.Linear`` layers (output
-            layout (3, H, d_h)); a ``MultiheadAttention`` name here sets its mode.
+            layout (3, H, d_h); their probabilities are recomputed from the output); a
+            ``MultiheadAttention`` name here sets its mode; ``{attention module name:
+            AttentionModule(value=... | qkv=...)}`` declares an attention module whose own
+            returned probabilities feed its value (or fused qkv) projection's statistics;
+            ``"auto"``: :func:`find_attention` (Hugging Face attention modules).
         skip: module names left unpreconditioned.
         param_ids: ids of the parameters being optimised; layers whose weight is not among them are
             left out (a layer with only one of weight/bias among them is an error).
@@ -201,6 +209,10 @@ def discover_layers(
         ValueError: unknown names, or parameters tied to a module that is not the same kind of
             layer (e.g. an ``nn.Embedding`` weight reused by an ``nn.Linear`` head).
     """
+    if isinstance(attention, str):
+        if attention != "auto":
+            raise ValueError(f"attention must be a mapping or 'auto', got {attention!r}")
+        attention = find_attention(model)
     attention = dict(attention or {})
     skip = set(skip or ())
     named = list(model.named_modules())
@@ -209,6 +221,7 @@ def discover_layers(
         unknown = sorted(k for k in keys if k not in names)
         if unknown:
             raise ValueError(f"{kind}: no submodule named {unknown} in the model")
+    declared = _declared_modules(dict(named), attention)  # projection name -> (QkvSpec, role, source)
     layers: list[Layer] = []
     consumed: set[int] = set()
     for _, m in named:
@@ -224,17 +237,30 @@ def discover_layers(
             continue
         if name in skip:
             continue
+        if name in declared:
+            qkv, role, source = declared[name]
+            spec = layer_spec(m, name)
+            layers.append(Layer(name, role, [m], {id(m): dataclasses.replace(spec, qkv=qkv)},
+                                m.weight, getattr(m, "bias", None),
+                                transposed=weight_layout(m) == "in_out", attention=source))
+            continue
         if name in attention:
             spec = layer_spec(m, name)
             if spec is None or spec.kind is not LayerKind.LINEAR:
                 raise ValueError(f"attention[{name!r}]: expected a dense layer (nn.Linear, Conv1D or a "
                                  f"type registered with layer_spec), got {type(m).__name__}")
             qkv = attention[name]
+            if not isinstance(qkv, QkvSpec):
+                raise ValueError(f"attention[{name!r}]: expected maccore_torch.QKV(...) for a dense "
+                                 f"layer, got {type(qkv).__name__}")
             if spec.d_out % (3 * qkv.num_heads):
                 raise ValueError(
                     f"attention[{name!r}]: out_features={spec.d_out} is not divisible by "
                     f"3 * num_heads = {3 * qkv.num_heads}"
                 )
+            if qkv.mode != "off":  # probabilities recomputed from the output: q/k must be plain
+                parent = name.rsplit(".", 1)[0] if "." in name else ""
+                check_recomputable(name, parent, model.get_submodule(parent))
             layers.append(Layer(name, "qkv", [m], {id(m): dataclasses.replace(spec, qkv=qkv)},
                                 m.weight, getattr(m, "bias", None),
                                 transposed=weight_layout(m) == "in_out"))
@@ -248,6 +274,88 @@ def discover_layers(
     layers = _merge_tied(layers)
     _check_foreign_ties(model, layers)
     return layers
+
+
+def _declared_modules(modules: dict, attention: dict) -> dict:
+    """Resolve the :class:`AttentionModule` entries of ``attention`` (removed from it):
+    ``{projection name: (QkvSpec, role, AttentionSource)}``."""
+    out: dict = {}
+    for name in [k for k, v in attention.items() if isinstance(v, AttentionModule)]:
+        decl = attention.pop(name)
+        m = modules[name]
+        label = f"attention[{name!r}]"
+        if isinstance(m, nn.MultiheadAttention):
+            raise ValueError(f"{label}: nn.MultiheadAttention is recognised by type; set its mode "
+                             f"with maccore_torch.QKV(num_heads=..., mode=...)")
+        if layer_spec(m, name) is not None:
+            raise ValueError(f"{label}: AttentionModule names the attention MODULE (whose forward "
+                             f"returns the probabilities), not a projection; got the dense layer "
+                             f"{type(m).__name__}")
+        child = f"{name}.{decl.projection}" if name else decl.projection
+        proj = modules.get(child)
+        if proj is None:
+            raise ValueError(f"{label}: {type(m).__name__} has no submodule {decl.projection!r}")
+        if _LAZY_TYPES:
+            _register_lazy(type(proj))
+        spec = layer_spec(proj, child)
+        if spec is None or spec.kind is not LayerKind.LINEAR:
+            raise ValueError(f"{label}: {decl.projection!r} must be a dense layer (nn.Linear, Conv1D "
+                             f"or a type registered with layer_spec), got {type(proj).__name__}")
+        if child in out or child in attention:
+            raise ValueError(f"{label}: {child!r} is declared twice")
+        h, kv = module_heads(name, m, decl)
+        if decl.qkv is not None:
+            if spec.d_out % (3 * h):
+                raise ValueError(f"{label}: {child} has {spec.d_out} outputs, not divisible by "
+                                 f"3 * num_heads = {3 * h} (a fused (3, H, d_h) qkv projection)")
+            qkv, role = QkvSpec(num_heads=h, mode=decl.mode), "qkv"
+        else:
+            if decl.mode == "per_head" and spec.d_out % kv:
+                raise ValueError(f"{label}: {child} has {spec.d_out} outputs, not divisible by the "
+                                 f"{kv} value heads (num_kv_heads)")
+            qkv = QkvSpec(num_heads=h, mode=decl.mode, layout="v",
+                          num_kv_heads=None if kv == h else kv)
+            role = "linear"  # a dense layer; MAC gives it the attention-weighted mean
+        out[child] = (qkv, role, AttentionSource(name, m, decl))
+    return out
+
+
+_AUTO_PROJECTIONS = ((("q_proj", "k_proj", "v_proj"), "value", "v_proj"),
+                     (("query", "key", "value"), "value", "value"),
+                     (("c_attn",), "qkv", "c_attn"))
+
+
+def find_attention(model: nn.Module, *, mode: str = "reference") -> dict[str, AttentionModule]:
+    """``attention="auto"``: the Hugging Face attention modules of ``model`` as
+    ``{name: AttentionModule(...)}`` (inspect or edit it, then pass it as ``attention=``).
+
+    Found: modules of a ``transformers`` class whose name contains ``Attention`` with dense
+    children ``q_proj/k_proj/v_proj`` (Llama, Mistral, ViT, ...), ``query/key/value`` (BERT) or
+    a fused ``c_attn`` without ``q_attn`` (GPT-2 self-attention): modules returning
+    ``(attn_output, attn_weights)``. Their probabilities are read from the forward output, so the
+    model must be built with ``attn_implementation="eager"`` (an error says so otherwise). Other
+    modules (T5 returns ``(output, position_bias, weights)``) are declared by hand with
+    ``AttentionModule(..., probs=...)``."""
+    out = {}
+    for name, m in model.named_modules():
+        cls = type(m)
+        if not cls.__module__.startswith("transformers.") or "Attention" not in cls.__name__:
+            continue
+        kids = dict(m.named_children())
+        for names, kind, proj in _AUTO_PROJECTIONS:
+            if all(k in kids for k in names) and all(_is_dense(kids[k]) for k in names):
+                if kind == "qkv" and "q_attn" in kids:
+                    continue  # GPT-2 cross-attention: c_attn holds only k and v
+                out[name] = AttentionModule(mode=mode, **{kind: proj})
+                break
+    return out
+
+
+def _is_dense(m: nn.Module) -> bool:
+    if _LAZY_TYPES:
+        _register_lazy(type(m))
+    spec = layer_spec(m)
+    return spec is not None and spec.kind is LayerKind.LINEAR
 
 
 def _filter_params(layers: list[Layer], param_ids: set[int] | None) -> list[Layer]:
@@ -279,6 +387,7 @@ def _merge_tied(layers: list[Layer]) -> list[Layer]:
             continue
         plain = ("linear", "conv2d")
         if (first.role not in plain or layer.role != first.role or layer.bias is not first.bias
+                or first.attention is not None or layer.attention is not None
                 or layer.spec.d_in != first.spec.d_in or layer.spec.d_out != first.spec.d_out):
             raise ValueError(
                 f"{layer.name} and {first.name} share a weight but differ in kind, bias or shape: "

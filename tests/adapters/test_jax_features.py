@@ -147,16 +147,21 @@ def test_inject_hyperparams():
     params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
     g = jax.tree.map(jnp.ones_like, params)
     acts = {"d": jnp.ones((4, 3))}
-    with pytest.raises(TypeError, match=r"static_args=\('stat_decay', 't_cov', 't_inv'\)"):
-        optax.inject_hyperparams(mj.mac)(learning_rate=0.1).init(params)
+    # no static_args needed (every numeric hyper-parameter injected: tests/adapters/
+    # test_jax_optax_wrappers.py checks schedules of them); the old static_args still work
+    full = optax.inject_hyperparams(mj.mac)(learning_rate=0.1, weight_decay=0.01)
+    assert set(full.init(params).hyperparams) == {"learning_rate", "momentum", "weight_decay",
+                                                  "damping", "stat_decay", "t_cov", "t_inv"}
     tx = optax.inject_hyperparams(mj.mac, static_args=("stat_decay", "t_cov", "t_inv"))(
         learning_rate=0.1, weight_decay=0.01)
     state = tx.init(params)
     assert set(state.hyperparams) == {"learning_rate", "momentum", "weight_decay", "damping"}
+    u_full, _ = jax.jit(full.update)(g, full.init(params), params, activations=acts)
     u, state = jax.jit(tx.update)(g, state, params, activations=acts)
     ref, _ = mj.mac(0.1, weight_decay=0.01).update(g, mj.mac(0.1, weight_decay=0.01).init(params),
                                                    params, activations=acts)
     tree_allclose(u, ref, rtol=1e-6, atol=1e-7)
+    tree_allclose(u_full, ref, rtol=1e-6, atol=1e-7)
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     u, _ = jax.jit(tx.update)(g, state, params, activations=acts)
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u))

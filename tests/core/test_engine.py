@@ -272,6 +272,49 @@ def test_qkv_statistics(xp, mode):
             method.input_statistics(spec, st, asarray(xp, x_np))
 
 
+@pytest.mark.parametrize("mode", ["reference", "per_head", "off"])
+@pytest.mark.parametrize("kv", [1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_value_projection_statistics(xp, mode, kv, bias):
+    """A value projection alone (layout "v", grouped-query attention with H_kv value heads):
+    one factor from the attention-weighted mean, or one per value head (the mean of its group's
+    per-head means), or the plain mean with mode "off"; against float64 einsum oracles."""
+    rng = np.random.default_rng(18)
+    b, n, d, h, dh = 2, 4, 3, 4, 2
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, d, kv * dh, bias,
+                        qkv=mc.QkvSpec(num_heads=h, mode=mode, layout="v", num_kv_heads=kv), name="v")
+    x_np = rng.standard_normal((b, n, d))
+    logits = rng.standard_normal((b, h, n, n))
+    attn_np = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    x, attn = asarray(xp, x_np), asarray(xp, attn_np)
+    xt = np.concatenate([x_np, np.ones((b, n, 1))], axis=-1) if bias else x_np
+    if mode == "off":
+        want = xt.reshape(-1, xt.shape[-1]).mean(0)
+    elif mode == "reference":
+        want = attn_np.mean(axis=(0, 1, 2)) @ xt.mean(0)
+    else:
+        per_head = np.einsum("bhij,bjd->hd", attn_np, xt) / (b * n)  # [H, d̃]
+        want = per_head.reshape(kv, h // kv, -1).mean(1)  # consecutive query heads share a KV head
+    t = {"rtol": 1e-12, "atol": 1e-12}
+    assert_close(engine.qkv_mean(spec, x, attn=attn), want, **t)
+    method = engine.mac_method()
+    st = method.init(spec, xp=xp, dtype=xp.float64)
+    assert tuple(st.mean.value.shape) == want.shape
+    stats = method.input_statistics(spec, st, x, attn=attn)
+    assert_close(stats["mean"].value, want, **t)
+    assert method.wants_attention(spec) is (mode != "off")
+    with pytest.raises(ValueError, match="takes its own input only"):
+        engine.qkv_mean(spec, x, attn=attn, key=x, value=x)
+    if mode != "off":
+        with pytest.raises(ValueError, match=r"needs input \[B, N, d\], got \[8, 3\]"):
+            engine.qkv_mean(spec, xp.reshape(x, (b * n, d)), attn=attn)
+        with pytest.raises(ValueError, match="needs the attention probabilities"):
+            engine.qkv_mean(spec, x)
+        for bad in (attn[:, :2, ...], xp.reshape(attn, (b, h, n * n))):
+            with pytest.raises(ValueError, match=f"do not have num_heads={h} heads"):
+                engine.qkv_mean(spec, x, attn=bad)
+
+
 def test_conv_statistics_match_im2col(xp):
     rng = np.random.default_rng(9)
     spec = mc.LayerSpec(mc.LayerKind.CONV2D, 2 * 3 * 3, 4, True,
@@ -402,3 +445,49 @@ def test_torch_mac_factor_memo_follows_in_place_writes():
     np.testing.assert_allclose(mc.mac_apply(g, a, 2.0).numpy(), mc.mac_apply(g.numpy(), a.numpy(), 2.0),
                                rtol=1e-12, atol=1e-12)  # another damping: recomputed
     assert len(_delegate._FACTORS) <= 256
+
+
+def test_single_row_inputs(xp):
+    """A 1-D input is one row of a linear layer: one row counted, its mean is itself (with the
+    bias entry 1); an input with one leading row likewise."""
+    x_np = np.array([0.5, -1.0, 2.0, 3.0])
+    for x in (asarray(xp, x_np), asarray(xp, x_np[None, :])):
+        assert engine.num_rows(LIN, x) == 1
+        assert_close(engine.mean_rows(LIN, x), np.append(x_np, 1.0), rtol=0, atol=0)
+        assert_close(engine.mean_rows(LIN_NB, x), x_np, rtol=0, atol=0)
+    assert engine.num_rows(LIN, asarray(xp, np.ones((2, 3, 4)))) == 6
+
+
+def test_singd_method_preconditioner_dtype_and_partial_statistics(xp):
+    """singd_method passes preconditioner_dtype to the core (factors kept in float64 over float32
+    statistics), and an update whose statistics lack one side (H_K or H_C) leaves the state as it
+    is (a step with no backward pass, or no forward capture)."""
+    method = engine.singd_method(preconditioner_dtype=(xp.float64, xp.float64))
+    st = method.init(LIN, xp=xp, dtype=xp.float32)
+    assert st.K.to_dense().dtype == xp.float64 and st.C.to_dense().dtype == xp.float64
+    plain = engine.singd_method().init(LIN, xp=xp, dtype=xp.float32)
+    assert plain.K.to_dense().dtype == xp.float32
+    rng = np.random.default_rng(3)
+    x = asarray(xp, rng.standard_normal((5, 4)), xp.float32)
+    g = asarray(xp, rng.standard_normal((5, 3)), xp.float32)
+    stats = {**method.input_statistics(LIN, st, x), **method.grad_statistics(LIN, st, g)}
+    stats = {k: v.value for k, v in stats.items()}
+    for k in ("H_K", "H_C"):
+        partial = {key: v for key, v in stats.items() if key != k}
+        assert method.update(LIN, st, partial) is st
+    new = method.update(LIN, st, stats)
+    assert new is not st and new.K.to_dense().dtype == xp.float64
+
+
+def test_method_arguments_checked_at_construction(xp):
+    """A reduction factor must be one positive number for every method, checked when the method
+    is made (not at the first finalize); cross-attention needs both key and value."""
+    for make in (engine.kfac_method, engine.singd_method):
+        for bad in (-1.0, 0.0, float("inf"), (1.0, 2.0), True):
+            with pytest.raises((TypeError, ValueError), match="reduction_factor"):
+                make(reduction_factor=bad)
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, 3, 9, True, qkv=mc.QkvSpec(num_heads=1), name="qkv")
+    x = xp.ones((1, 2, 3), dtype=xp.float64)
+    for kw in ({"key": x}, {"value": x}):
+        with pytest.raises(ValueError, match="cross-attention needs both key and value"):
+            engine.qkv_mean(spec, x, **kw)

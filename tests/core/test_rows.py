@@ -314,3 +314,41 @@ def test_jit_equals_eager(dt):
     for e, j in zip(f(x), jax.jit(f)(x)):
         assert j.dtype == e.dtype and j.shape == e.shape
         assert_close(j, to_numpy(e), **tol(jnp, dtype))
+
+
+@pytest.mark.parametrize("hw", [(2, 5), (5, 2)], ids=["short", "narrow"])
+def test_conv_input_too_small_in_one_dimension(xp, hw):
+    """An input that a 3×3 kernel fits along one spatial axis only has no output positions: refused,
+    not turned into an empty or wrongly shaped row matrix."""
+    x = xp.ones((1, 2, *hw), dtype=xp.float64)
+    for f in (lambda: mc.conv2d_rows(x, 3, bias=False), lambda: mc.conv2d_mean_patch(x, 3, bias=True)):
+        with pytest.raises(ValueError, match="is smaller than the dilated kernel"):
+            f()
+    rows = mc.conv2d_rows(x, (2, 2), bias=False)  # a kernel that fits: (h−1)(w−1) positions
+    assert tuple(rows.shape) == ((hw[0] - 1) * (hw[1] - 1), 8)
+
+
+def test_feature_rows_refuse_empty_inputs(xp):
+    """No features, or nothing to pool over with reduce=True: a ValueError naming the argument and
+    its shape."""
+    cases = [
+        (lambda: mc.linear_rows(xp.ones((2, 0)), bias=False), r"'x' of shape \[2, 0\] has no features"),
+        (lambda: mc.grad_rows(xp.ones((3, 0))), r"'g' of shape \[3, 0\] has no output features"),
+        (lambda: mc.linear_rows(xp.ones((2, 0, 3)), bias=True, reduce=True),
+         r"'x' of shape \[2, 0, 3\] is empty \(reduce=True\)"),
+        (lambda: mc.grad_rows(xp.ones((0, 2, 3)), reduce=True), r"'g' of shape \[0, 2, 3\] is empty"),
+    ]
+    for f, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            f()
+
+
+def test_qkv_spec_grouped_query_heads():
+    """num_kv_heads (grouped-query attention, layout 'v') must be a positive divisor of num_heads;
+    1 (multi-query) and num_heads itself are valid."""
+    for kv in (1, 2, 4):
+        spec = mc.QkvSpec(num_heads=4, num_kv_heads=kv, layout="v")
+        assert spec.num_kv_heads == kv
+    for kv in (0, -1, -2, 3, 8, True, 2.0):
+        with pytest.raises(ValueError, match="num_kv_heads must be a positive divisor of num_heads=4"):
+            mc.QkvSpec(num_heads=4, num_kv_heads=kv, layout="v")

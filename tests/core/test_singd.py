@@ -592,3 +592,69 @@ def test_inputs_not_mutated():
     np.testing.assert_array_equal(grad_mat, m0)
     for p, p0 in zip((p for f in state for p in f), copies):
         np.testing.assert_array_equal(p, p0)
+
+
+def _steps(xp, pc, dtype, n=3):
+    """Three update steps of a [3 → 2] layer from fixed data; the state's dense arrays."""
+    rng = np.random.default_rng(21)
+    state = pc.init(3, 2, xp=xp, dtype=dtype)
+    for _ in range(n):
+        rows = asarray(xp, rng.standard_normal((5, 3)), dtype)
+        grads = asarray(xp, rng.standard_normal((5, 2)), dtype)
+        state = pc.update(state, rows, grads, reduction_factor=1.0)
+    return [None if x is None else to_numpy(x.to_dense()) for x in state]
+
+
+@pytest.mark.filterwarnings("ignore:.*kfac_like=True uses no Riemannian momentum")
+@pytest.mark.parametrize("alpha1", [0.0, 0.5])
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_hyperparameters_as_0d_arrays(xp, alpha1, kfac_like):
+    """alpha1, lr_cov and damping given as 0-d arrays (injected or scheduled hyperparameters) give
+    the numbers of the same Python floats; an array alpha1 keeps the momentum buffers even when it
+    is 0 (its value may change later; the factors then follow the floats' momentum-free steps)."""
+    dt = xp.float64
+    floats = dict(alpha1=alpha1, lr_cov=0.05, damping=1e-3, kfac_like=kfac_like)
+    arrays = {k: (xp.asarray(v, dtype=dt) if k != "kfac_like" else v) for k, v in floats.items()}
+    want = _steps(xp, singd(**floats), dt)
+    got = _steps(xp, singd(**arrays), dt)
+    t = tol(xp, dt)
+    for g, w in zip(got[:2], want[:2]):
+        assert_close(g, w, **t)
+    if alpha1 == 0.0 or kfac_like:
+        assert want[2] is None and want[3] is None  # floats: no momentum without alpha1
+    if kfac_like:
+        assert got[2] is None and got[3] is None  # kfac_like sets alpha1 to 0 whatever its type
+    else:
+        assert got[2] is not None and got[3] is not None
+        if alpha1 != 0.0:
+            assert_close(got[2], want[2], **t)
+            assert_close(got[3], want[3], **t)
+
+
+def test_hyperparameter_ranges(xp):
+    """alpha1 ∈ [0, 1), lr_cov ≥ 0 and damping ≥ 0, numbers or 0-d arrays (damping 0 is allowed:
+    SINGD's factors carry no inverse that it would make singular)."""
+    singd(damping=0.0)
+    singd(damping=xp.asarray(0.0, dtype=xp.float64), lr_cov=xp.asarray(0.0, dtype=xp.float64))
+    for a in (1.0, 1.5, xp.asarray(1.0, dtype=xp.float64)):
+        with pytest.raises(ValueError, match=r"alpha1 must lie in \[0, 1\)"):
+            singd(alpha1=a)
+    for name in ("alpha1", "lr_cov", "damping"):
+        with pytest.raises(ValueError, match=f"{name} must be non-negative and finite"):
+            singd(**{name: xp.asarray(-0.25, dtype=xp.float64)})
+
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_to_dense_in_the_factors_dtype(xp, dt):
+    """to_dense is (C Cᵀ) ⊗ (K Kᵀ) in the factors' dtype (float32 factors: a float32 matrix)."""
+    dtype = getattr(xp, dt)
+    pc = singd()
+    rng = np.random.default_rng(4)
+    state = pc.init(3, 2, xp=xp, dtype=dtype)
+    state = pc.update(state, asarray(xp, rng.standard_normal((5, 3)), dtype),
+                      asarray(xp, rng.standard_normal((5, 2)), dtype), reduction_factor=1.0)
+    D = pc.to_dense(state)
+    assert D.dtype == dtype
+    K, C = to_numpy(state.K.to_dense()), to_numpy(state.C.to_dense())
+    assert_close(D, np.kron(C @ C.T, K @ K.T), **tol(xp, dtype))

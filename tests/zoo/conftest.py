@@ -9,23 +9,11 @@ reason.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
+from benchmarks._harness import hide_broken_torchvision
 
-def _torchvision_state() -> str:
-    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
-    if probe.returncode == 0:
-        return ""
-    last = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
-    return last
-
-
-TORCHVISION_BROKEN = _torchvision_state() if "torchvision" not in sys.modules else ""
-if TORCHVISION_BROKEN:
-    sys.modules["torchvision"] = None  # transformers then sees no torchvision
+TORCHVISION_BROKEN = hide_broken_torchvision()  # transformers then sees no torchvision
 
 
 @pytest.fixture(scope="session")
