@@ -111,6 +111,33 @@ def interleaved_times(
     return out
 
 
+def torchvision_import_error() -> str:
+    """The last line of the error importing ``torchvision`` raises, probed in a subprocess (``""``
+    when it imports or was imported already). A torchvision wheel that does not match the pinned
+    torch fails at import (``operator torchvision::nms does not exist``), and ``transformers``
+    imports it when it is installed."""
+    import subprocess
+    import sys
+
+    if "torchvision" in sys.modules:
+        return ""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        return ""
+    return (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def hide_broken_torchvision() -> str:
+    """Make a torchvision that fails at import look absent (``sys.modules["torchvision"] = None``),
+    so ``transformers`` works without it; returns the import error (``""``: nothing hidden)."""
+    import sys
+
+    err = torchvision_import_error()
+    if err:
+        sys.modules["torchvision"] = None
+    return err
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

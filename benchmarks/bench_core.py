@@ -24,6 +24,15 @@ def _mac(g, a):
     return maccore.mac_apply(g, a, 1.0)
 
 
+def _plain_mac(g, a):
+    """``mac_apply`` with the native fast paths switched off: the standard-only path."""
+    _delegate.FAST_PATHS = False
+    try:
+        return maccore.mac_apply(g, a, 1.0)
+    finally:
+        _delegate.FAST_PATHS = True
+
+
 def _dense(g, a):
     """The dense formulation: form I − aaᵀ/(1 + aᵀa), then multiply."""
     xp = array_api_compat.array_namespace(g, a)
@@ -35,6 +44,8 @@ def _mac_rows(lib: str, make, copy, inplace, one_pass, repeats: int, quick: bool
 
     - warm: the same gradient every call (a 9 MiB one stays in L3: the copy runs at cache speed);
     - streamed: a pool of gradients larger than the caches, candidate and baseline cycle through it;
+    - fast path against the plain path (the same call with ``_delegate.FAST_PATHS`` off), streamed:
+      target ≤ 1, a fast path may never lose;
     - in place (the adapters' kernel on ``.grad``) and one elementwise pass: reports, streamed;
     - against the dense formulation at d̃ = 4096 (1024 with ``quick``).
     """
@@ -53,6 +64,9 @@ def _mac_rows(lib: str, make, copy, inplace, one_pass, repeats: int, quick: bool
         inner = max(3, k)
         r = paired_ratios(cycled(_mac, a), cycled(copy), repeats=repeats, inner=inner)
         out.append(Result(f"{lib} mac_apply f32 {m}x{n} streamed", f"copy ({k} arrays cycled)", 1.5, r))
+        r = paired_ratios(cycled(_mac, a), cycled(_plain_mac, a), repeats=repeats, inner=inner)
+        out.append(Result(f"{lib} mac_apply fast path {m}x{n} streamed", "plain path (fast paths off)", 1.0, r,
+                          note="a fast path must never lose to the path it replaces"))
         r = paired_ratios(cycled(inplace, a, coef), cycled(copy), repeats=repeats, inner=inner)
         out.append(Result(f"{lib} MAC in place (adapter kernel) {m}x{n} streamed", f"copy ({k} arrays cycled)",
                           None, r, note="rank-1 update written into the gradient"))

@@ -47,7 +47,8 @@ except ImportError:  # a plain checkout: the import package lives in adapters/
     import maccore_torch
 from maccore_torch.demo import Attention  # the demo transformer's fused-qkv self-attention
 
-from benchmarks._harness import Result
+from benchmarks._harness import Result, hide_broken_torchvision
+from maccore import _delegate
 
 BATCH = 128
 BLOCK = 50  # steps per timed block = MAC's default t_inv (a multiple of t_cov = 5 and of KFAC's t_inv = 10)
@@ -148,7 +149,7 @@ class MLP(nn.Module):
 # Optimizers
 # ------------------------------------------------------------------------------------------------
 
-OPTIMIZERS = ("SGD", "MAC", "KFAC", "KFAC@5/50", "SINGD")
+OPTIMIZERS = ("SGD", "MAC", "MAC-plain", "KFAC", "KFAC@5/50", "SINGD")
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer | None:
@@ -158,7 +159,7 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer | None:
     common = dict(lr=LR, momentum=0.9, weight_decay=5e-4)
     if name == "SGD":
         return torch.optim.SGD(model.parameters(), **common)
-    if name == "MAC":
+    if name in ("MAC", "MAC-plain"):  # MAC-plain: stepped with the native fast paths off (Trainer)
         return maccore_torch.MAC(model, attention=attention, **common)
     if name == "KFAC":
         return maccore_torch.KFAC(model, damping=KFAC_DAMPING, **common)
@@ -181,6 +182,7 @@ class Trainer:
         n = (x.shape[0] // batch) * batch
         self.batches = [(x[i:i + batch].contiguous(), y[i:i + batch].contiguous()) for i in range(0, n, batch)]
         self.k = 0
+        self.plain = opt_name.endswith("-plain")
 
     @property
     def skipped(self) -> int:
@@ -203,7 +205,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(xb), yb).backward()
-        self.opt.step()
+        if self.plain:
+            _delegate.FAST_PATHS = False
+            try:
+                self.opt.step()
+            finally:
+                _delegate.FAST_PATHS = True
+        else:
+            self.opt.step()
         return time.perf_counter() - t0
 
 
@@ -353,12 +362,92 @@ def _step_times(name: str, make_model, x, y, repeats: int) -> list[Result]:
         Result(f"{name}: KFAC step (t_cov=5, t_inv=50)", "SGD(momentum) step", None,
                ratios("KFAC@5/50", "SGD")),
     ]
+    out.append(_fast_row(name, ratios("MAC", "MAC-plain")))
     if "SINGD" in avail:
         out.append(Result(f"{name}: SINGD step", "SGD(momentum) step", None, ratios("SINGD", "SGD")))
     else:
         out.append(Result(f"{name}: SINGD step", "SGD(momentum) step", None, [math.nan],
                           note="unavailable: maccore_torch has no SINGD"))
     return out
+
+
+def _fast_row(name: str, ratios: list[float]) -> Result:
+    return Result(f"{name}: MAC step, fast paths", "MAC step, plain path (fast paths off)", 1.0, ratios,
+                  note="a fast path must never lose to the path it replaces")
+
+
+def _optimizer_bound_mlp(repeats: int, quick: bool) -> list[Result]:
+    """The optimizer-bound MLP 1024-2048-2048-10 at batch 64 (random data: the time does not depend
+    on the values), MAC at its defaults (t_cov=5, t_inv=50) against SGD with momentum."""
+    g = torch.Generator().manual_seed(0)
+    width = 256 if quick else 2048
+    x = torch.randn(640, 1024, generator=g)
+    y = torch.randint(0, 10, (640,), generator=g)
+
+    def make():
+        return nn.Sequential(nn.Linear(1024, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, 10))
+
+    tr = {o: Trainer(make, o, x, y, 64) for o in ("SGD", "MAC", "MAC-plain")}
+    times = interleaved_blocks(tr, rounds=repeats)
+    name = f"torch-cpu MLP 1024-{width}-{width}-10 b64"
+    sgd_ms = statistics.median(times["SGD"]) / BLOCK * 1e3
+    mac_ms = statistics.median(times["MAC"]) / BLOCK * 1e3
+    return [
+        Result(f"{name}: MAC step", "SGD(momentum) step", 1.15,
+               [m / s for m, s in zip(times["MAC"], times["SGD"])],
+               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {BLOCK} steps"),
+        _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])]),
+    ]
+
+
+def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
+    """A small Llama-style decoder (Hugging Face ``LlamaForCausalLM`` from a config, eager
+    attention: separate q/k/v projections, grouped-query attention, RoPE), MAC with
+    ``attention="auto"`` (the value projections get the attention-weighted mean from the model's
+    own probabilities) against SGD with momentum; ``n/a`` without ``transformers``."""
+    layers, d = (2, 64) if quick else (4, 128)
+    name = f"torch-cpu Llama-style decoder ({layers} layers, d={d}, 64 tokens) b16"
+    hide_broken_torchvision()
+    try:
+        import transformers as tr
+    except ImportError:
+        return [Result(f"{name}: MAC step", "SGD(momentum) step", 1.10, [math.nan],
+                       note="transformers not installed")]
+    cfg = tr.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=4 * d,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, attn_implementation="eager")
+
+    class Decoder(nn.Module):  # logits [B·T, V] for the trainers' cross-entropy on next tokens
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = tr.LlamaForCausalLM(cfg)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=ids).logits[:, :-1].reshape(-1, cfg.vocab_size)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (160, 64), generator=g)
+    tokens = ids[:, 1:]
+
+    class Seq(Trainer):
+        def __init__(self, opt_name: str) -> None:
+            super().__init__(Decoder, "SGD", ids, tokens, 16)  # the optimizer is replaced below
+            if opt_name != "SGD":
+                self.opt = maccore_torch.MAC(self.model, attention="auto", lr=LR, momentum=0.9, weight_decay=5e-4)
+            self.plain = opt_name.endswith("-plain")
+            self.batches = [(x, y.reshape(-1)) for x, y in self.batches]
+
+    tr_ = {o: Seq(o) for o in ("SGD", "MAC", "MAC-plain")}
+    times = interleaved_blocks(tr_, rounds=repeats)
+    sgd_ms = statistics.median(times["SGD"]) / BLOCK * 1e3
+    mac_ms = statistics.median(times["MAC"]) / BLOCK * 1e3
+    return [
+        Result(f"{name}: MAC step", "SGD(momentum) step", 1.10,
+               [m / s for m, s in zip(times["MAC"], times["SGD"])],
+               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; attention=\"auto\""),
+        _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])]),
+    ]
 
 
 def _layer_scaling(x, y, repeats: int, quick: bool) -> list[Result]:
@@ -396,6 +485,8 @@ def run(repeats: int, quick: bool) -> list[Result]:
         label = f"torch-cpu {name} digits b{BATCH}"
         out += _step_times(label, make, x, y, reps)
         out += _memory(label, make, x, y)
+    out += _optimizer_bound_mlp(reps, quick)
+    out += _llama_decoder(reps, quick)
     out += _layer_scaling(x, y, reps, quick)
     if source != "sklearn digits":
         for r in out:

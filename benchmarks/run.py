@@ -1,8 +1,15 @@
 """Run every benchmark and print ratios against baselines measured in the same run.
 
-    python -m benchmarks.run            # full sizes (about 5 minutes on 2 loaded cores)
+    python -m benchmarks.run            # full sizes, at the default threads and at one thread
     python -m benchmarks.run --quick    # small sizes, few repeats: a smoke run
-    python -m benchmarks.run --only train --repeats 21
+    python -m benchmarks.run --only train --repeats 21 --threads 1
+
+Every benchmark runs twice by default: at the libraries' default thread counts (what a user gets:
+torch's intra-op pool and NumPy's BLAS pool as they start) and with one compute thread; the table
+shows both, tagged ``[default threads]`` / ``[1 thread]``. The rows "fast path vs plain path" time
+each native fast path behind ``maccore.mac_apply`` against the standard-only path it replaces
+(the same call with the fast paths switched off), target ≤ 1: a fast path that loses at either
+thread count is a MISS and the command fails.
 
 Every ratio is candidate / baseline of measurements taken side by side (alternating, or for the
 training steps interleaved step by step), shown as min / median / max over the repeats. Status:
@@ -44,29 +51,44 @@ def _threads(n: int) -> contextlib.AbstractContextManager:
     return stack
 
 
+def _label(n: int) -> str:
+    return "default threads" if n == 0 else f"{n} thread" + ("s" if n > 1 else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     p.add_argument("--repeats", type=int, default=None, help="paired repeats per benchmark")
     p.add_argument("--only", choices=["core", "train"], default=None)
-    p.add_argument("--threads", type=int, default=1,
-                   help="compute threads for torch and NumPy's BLAS (default 1: stable ratios on a shared "
-                        "machine; 0 keeps the libraries' defaults)")
+    p.add_argument("--threads", default="0,1",
+                   help="comma-separated compute-thread settings for torch and NumPy's BLAS, each run in "
+                        "turn (0: the libraries' defaults; default '0,1': both)")
     args = p.parse_args(argv)
+    try:
+        settings = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+    if not settings or min(settings) < 0:
+        p.error(f"--threads must be integers >= 0, got {args.threads!r}")
     repeats = args.repeats or (5 if args.quick else 15)
     print(f"machine: {machine_info()}")
-    print(f"threads: {args.threads or 'library defaults'}; repeats: {repeats}" + ("; quick" if args.quick else ""))
+    print(f"threads: {', '.join(_label(n) for n in settings)}; repeats: {repeats}" + ("; quick" if args.quick else ""))
     results = []
-    with _threads(args.threads):
-        if args.only in (None, "core"):
-            results += bench_core.run(repeats, args.quick)
-        if args.only in (None, "train"):
-            try:
-                from benchmarks import bench_train
-            except ImportError as exc:  # torch or the adapter missing
-                print(f"training benchmarks unavailable: {exc}")
-            else:
-                results += bench_train.run(repeats, args.quick)
+    for n in settings:
+        part = []
+        with _threads(n):
+            if args.only in (None, "core"):
+                part += bench_core.run(repeats, args.quick)
+            if args.only in (None, "train"):
+                try:
+                    from benchmarks import bench_train
+                except ImportError as exc:  # torch or the adapter missing
+                    print(f"training benchmarks unavailable: {exc}")
+                else:
+                    part += bench_train.run(repeats, args.quick)
+        for r in part:
+            r.name = f"{r.name} [{_label(n)}]"
+        results += part
     print_table(results)
     try:
         import os

@@ -53,16 +53,27 @@ def _blas_ger(dtype: Any) -> Any:
 # Smallest gradient (elements) for which torch CPU tensors take the NumPy/BLAS kernel: below it the
 # per-call overhead of the blocked loop outweighs torch's mv + addr.
 _CPU_BLAS_MIN = 1 << 18
+# Most torch intra-op threads for which torch CPU tensors take that kernel (see _cpu_blas_ok).
+_CPU_BLAS_MAX_THREADS = 1
+
+# Whether :func:`mac_rank1` may take a native path (``False``: every call takes the standard-only
+# path). Only the benchmarks switch it, to time each fast path against the plain path it replaces.
+FAST_PATHS = True
 
 
 def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
     """Whether torch tensors can share memory with NumPy for :func:`rank1_rows_numpy`: CPU,
     float32/float64 alike, plain tensors (no subclass, no autograd, no inference tensors, not
     traced by ``torch.compile`` or ``torch.func``), a C-contiguous ``g`` with at least
-    ``_CPU_BLAS_MIN`` elements, and SciPy's BLAS present."""
+    ``_CPU_BLAS_MIN`` elements, SciPy's BLAS present, and torch running one intra-op thread: with
+    more, OpenBLAS's thread pool and torch's compete for the same cores and the route loses to
+    torch's own ``mv`` + ``addr`` (measured in ``benchmarks/``: a MAC step 3.7× SGD's at the
+    default two threads of a 2-core machine with the route, 1.4× without it)."""
     import torch
 
-    if (g.numel() < _CPU_BLAS_MIN or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64)
+    if (g.numel() < _CPU_BLAS_MIN or torch.get_num_threads() > _CPU_BLAS_MAX_THREADS
+            or g.device.type != "cpu"
+            or g.dtype not in (torch.float32, torch.float64)
             or g.ndim != 2 or not g.is_contiguous() or _blas_ger(_np_dtype(g)) is None
             or torch.compiler.is_compiling()):
         return False
@@ -190,6 +201,8 @@ def mac_rank1(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array, row_sc
     (:func:`_cpu_blas_ok`), else fused ``mv``/``addr`` (``bmm``/``baddbmm`` per head).
     ``inplace=True`` writes the result into ``gw``/``gb`` and returns them.
     """
+    if not FAST_PATHS:
+        return None
     n = gw.shape[1]
     if compat.is_numpy_namespace(xp):
         import numpy as np

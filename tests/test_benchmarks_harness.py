@@ -40,8 +40,35 @@ def test_core_rows_run_on_small_shapes(monkeypatch):
     monkeypatch.setattr(bench_core, "SHAPES", ((64, 48),))
     rows = bench_core._numpy_mac(3, quick=True)
     names = [r.name for r in rows]
-    assert [n.split(" 64x48")[0] for n in names[:4]] == [
-        "numpy mac_apply f32", "numpy mac_apply f32", "numpy MAC in place (adapter kernel)",
-        "numpy floor: one elementwise pass g*1"]
+    assert [n.split(" 64x48")[0] for n in names[:5]] == [
+        "numpy mac_apply f32", "numpy mac_apply f32", "numpy mac_apply fast path",
+        "numpy MAC in place (adapter kernel)", "numpy floor: one elementwise pass g*1"]
+    fast = rows[2]
+    assert fast.baseline == "plain path (fast paths off)" and fast.target == 1.0
     assert all(len(r.ratios) == 3 and r.available for r in rows)
     assert "2 arrays cycled" in rows[1].baseline  # quick: a pool of two
+
+
+def test_plain_path_switch_takes_the_standard_path(monkeypatch):
+    """The benchmarks' plain path really bypasses the native kernels (and restores them)."""
+    import numpy as np
+
+    from maccore import _delegate
+
+    calls = []
+    real = _delegate.mac_rank1_standard
+    monkeypatch.setattr(_delegate, "mac_rank1_standard", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g, a = np.ones((4, 3), dtype=np.float32), np.ones(3, dtype=np.float32)
+    bench_core._mac(g, a)
+    assert calls == []  # NumPy float32: the native kernel
+    np.testing.assert_allclose(bench_core._plain_mac(g, a), bench_core._mac(g, a), rtol=1e-6)
+    assert calls == [1] and _delegate.FAST_PATHS
+
+
+@pytest.mark.parametrize("arg", ["x", "-1", ""])
+def test_run_rejects_bad_thread_settings(arg, capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--threads", arg, "--only", "core"])
+    assert exc.value.code == 2 and "--threads" in capsys.readouterr().err

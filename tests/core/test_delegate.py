@@ -9,6 +9,14 @@ import pytest
 from maccore import _delegate
 from tests.conftest import asarray, assert_close, to_numpy, tol
 
+
+@pytest.fixture(autouse=True)
+def _blas_route_at_any_thread_count(monkeypatch):
+    """The tests force torch CPU tensors onto the NumPy/BLAS kernel or off it with
+    ``_CPU_BLAS_MIN``, whatever torch's thread count in the test process (the thread rule has its
+    own test below)."""
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MAX_THREADS", 1 << 30)
+
 MAC_CASES = [  # (d_out, n, heads, bias)
     (1, 1, None, True),
     (7, 5, None, True),
@@ -449,6 +457,23 @@ def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch
     else:
         assert torch.equal(gw, gw0) and (not bias or torch.equal(gb, gb0))
         assert w.dtype == dtype and w.is_contiguous()
+
+
+def test_torch_cpu_blas_path_only_at_one_thread(monkeypatch):
+    """With more torch intra-op threads than ``_CPU_BLAS_MAX_THREADS`` (default one), torch CPU
+    tensors keep torch's kernels: OpenBLAS's thread pool would compete with torch's."""
+    torch, _ = _torch_blas_xp()
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
+    g, a = torch.randn(8, 6), torch.randn(6)
+    monkeypatch.setattr(_delegate, "_CPU_BLAS_MAX_THREADS", 1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _delegate._cpu_blas_ok(g, None, a)
+        torch.set_num_threads(2)
+        assert not _delegate._cpu_blas_ok(g, None, a)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_torch_cpu_blas_inplace_bumps_autograd_version(monkeypatch):
