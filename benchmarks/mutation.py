@@ -50,6 +50,15 @@ TESTS = {
     "engine": ["tests/core/test_engine.py"],
 }
 
+
+def test_files(module: str, source: Path) -> list[str]:
+    """The test files run against ``module``'s mutants: ``TESTS[module]``, the module's further
+    ``tests/core/test_<module>_*.py`` files (e.g. ``test_kfac_update_control.py``) and ``SHARED``."""
+    extra = sorted(str(f.relative_to(source)) for f in (source / "tests" / "core").glob(f"test_{module}_*.py"))
+    files = TESTS[module] + [f for f in extra if f not in TESTS[module]] + SHARED
+    return [f for f in files if (source / f).exists()]
+
+
 BLOCKED = ("torch", "jax", "jaxlib", "cupy", "cupyx", "flax", "equinox", "optax")
 
 # mutmut's statuses (its exit codes) grouped for the score
@@ -329,7 +338,7 @@ def mutmut_section(module: str, source: Path) -> str:
 
     cfg = dict(tomllib.loads((source / "pyproject.toml").read_text())["tool"]["mutmut"])
     cfg["only_mutate"] = [f"maccore/{module}.py"]
-    cfg["pytest_add_cli_args_test_selection"] = [f for f in TESTS[module] + SHARED if (source / f).exists()]
+    cfg["pytest_add_cli_args_test_selection"] = test_files(module, source)
     lines = ["[tool.mutmut]"]
     for k, v in cfg.items():
         lines.append(f"{k} = {json.dumps(v)}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import maccore as mc
-from tests.conftest import asarray, assert_close, to_numpy
+from tests.conftest import asarray, assert_close, to_numpy, tol
 
 
 def _mac_oracle(g, a, lam):
@@ -36,6 +36,27 @@ def test_mac_apply_large_activations_float32(xp, size):
     assert rel < 1e-4, rel  # was 0.38–0.55 off: âᵀâ overflowed and the raw gradient came back
     # the projection removed the component along â: (G â) ≈ λ/(λ + âᵀâ)·… ≈ 0 relative to ‖G‖‖â‖
     assert np.all(np.isfinite(to_numpy(out)))
+
+
+@pytest.mark.parametrize("scale", ["reference", "inverse"])
+@pytest.mark.parametrize("big", [0, 1])
+def test_mac_apply_overflow_guard_per_head(xp, scale, big):
+    """Per-head factors are rescaled each by its own c = max|â_h|: a head near the overflow limit
+    next to an ordinary one leaves the ordinary head's λ + âᵀâ unscaled (divided by the large
+    head's c², λ/c² and ‖â/c‖² would underflow to subnormals and 1/(…) overflow float32)."""
+    rng = np.random.default_rng(4)
+    g_np = rng.standard_normal((4, 3))  # two heads: rows 0–1 use mean[0], rows 2–3 mean[1]
+    a_np = np.array([[1e-3, 2e-3, -1e-3], [1e-3, 2e-3, -1e-3]])
+    a_np[big] = [1e19, -2e19, 3e19]
+    lam = 1e-3
+    g, a = asarray(xp, g_np, xp.float32), asarray(xp, a_np, xp.float32)
+    out = mc.mac_apply(g, a, lam, scale=scale)
+    gf, af = to_numpy(g), to_numpy(a)
+    want = np.concatenate([_mac_oracle(gf[2 * h:2 * h + 2], af[h], lam) for h in (0, 1)])
+    if scale == "inverse":
+        want = want / lam
+    t = tol(xp, xp.float32)
+    assert_close(out, want, **t, scale=np.abs(gf).max() / (lam if scale == "inverse" else 1.0))
 
 
 def test_mac_apply_normal_activations_bit_identical_to_unscaled_formula():
@@ -69,6 +90,24 @@ def test_pi_dampings_extreme_trace_ratios(xp, ta, tg):
             assert la == pytest.approx(want, rel=1e-5)  # the definition where it is representable
         else:
             assert la == pytest.approx(math.sqrt(lam), rel=1e-6)  # equal split fallback
+
+
+@pytest.mark.parametrize("zero", ["A", "G", "both"])
+def test_pi_dampings_zero_trace_falls_back_quietly(xp, zero):
+    """A zero factor (a layer whose inputs or output gradients are all 0, e.g. dead ReLUs) has no
+    trace ratio: the split is the equal one, λ_A = λ_G = √λ, without the backend warning about
+    log(0) or a division by zero along the way."""
+    import warnings
+
+    lam = 1e-2
+    for dtype in (xp.float32, xp.float64):
+        A = asarray(xp, (0.0 if zero in ("A", "both") else 2.0) * np.eye(3), dtype)
+        G = asarray(xp, (0.0 if zero in ("G", "both") else 0.5) * np.eye(2), dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            la, lg = mc.pi_dampings(A, G, lam)
+        want = math.sqrt(lam)
+        assert float(la) == pytest.approx(want, rel=1e-6) and float(lg) == pytest.approx(want, rel=1e-6)
 
 
 def test_kfac_pi_mode_tiny_gradients_trains():

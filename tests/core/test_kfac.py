@@ -167,6 +167,51 @@ def test_float32_state_float64_gradient(xp):
     assert_close(out, kron_inv_apply(to_numpy(pc.to_dense(s)), g_np), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("order", ["64-32", "32-64"])
+def test_kl_clip_mixed_dtypes_accumulate_in_float64(xp, order):
+    """KL clipping: a float64 input makes Σ η²⟨P, G⟩ float64 (as documented), whichever side of a
+    pair it is on and in whichever order partial sums of different dtypes come; values against
+    float64 sums of the same numbers, ν against its definition min(1, sqrt(κ / s))."""
+    from maccore.kfac import kl_clip_factor, kl_clip_inner
+
+    rng = np.random.default_rng(11)
+    t = tol(xp, xp.float64)
+    a_np, a = rand(xp, xp.float32, rng, 2, 3, shift=2.0)
+    b_np, b = rand(xp, xp.float64, rng, 2, 3, shift=2.0)
+    for x, y in ((a, b), (b, a)):  # one pair whose two sides differ in dtype
+        s = kl_clip_inner(x, y, lr=0.3)
+        assert s.dtype == xp.float64
+        assert_close(s, np.asarray(0.09 * np.sum(a_np * b_np)), **t)
+    dts = (xp.float64, xp.float32) if order == "64-32" else (xp.float32, xp.float64)
+    data = [(rand(xp, dt, rng, 2, 3, shift=2.0), rand(xp, dt, rng, 2, 3, shift=2.0)) for dt in dts]
+    p, g = [pp for (_, pp), _ in data], [gg for _, (_, gg) in data]
+    want = [0.09 * float(np.sum(pn * gn)) for (pn, _), (gn, _) in data]
+    t32 = tol(xp, xp.float32)  # the float32 pair's own product is summed in float32
+    s = kl_clip_inner(p, g, lr=0.3)  # two pairs of different dtypes in one call
+    assert s.dtype == xp.float64
+    assert_close(s, np.asarray(sum(want)), **t32)
+    parts = [kl_clip_inner(pp, gg, lr=0.3) for pp, gg in zip(p, g)]  # layer by layer
+    assert [x.dtype for x in parts] == list(dts)
+    kappa = 1e-3 * sum(want)
+    nu = kl_clip_factor(parts, kl_clip=kappa)
+    assert nu.dtype == xp.float64
+    assert_close(nu, np.asarray(np.sqrt(kappa / sum(want))), **t32)
+    for ps, gs in (([p[0], None], [g[0], g[1]]), ([p[0], p[1]], [g[0], None])):  # one side missing
+        with pytest.raises(TypeError, match="must be an array, got None"):
+            kl_clip_inner(ps, gs)
+
+
+def test_kfac_update_names_the_factor_of_a_wrong_dtype(xp):
+    """kfac.update refuses a non-floating batch factor, naming which one (A or G)."""
+    pc = mc.kfac()
+    s = pc.init(3, 2, xp=xp)
+    A, G = xp.eye(3, dtype=xp.float32), xp.eye(2, dtype=xp.float32)
+    with pytest.raises(TypeError, match="kfac.update: argument 'A' must have a real floating dtype"):
+        pc.update(s, A=xp.astype(A, xp.int32), G=G)
+    with pytest.raises(TypeError, match="kfac.update: argument 'G' must have a real floating dtype"):
+        pc.update(s, A=A, G=xp.astype(G, xp.int32))
+
+
 @pytest.mark.parametrize("dt", ["float32", "float64"])
 def test_jit_equals_eager(dt):
     jax = pytest.importorskip("jax")

@@ -201,6 +201,40 @@ def test_attention_probs(xp, dtype, seed, b, h, n, dh):
     assert np.all(to_numpy(mc.attention_probs(q, k, mask=asarray(xp, none))) == 0)
 
 
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_attention_probs_fused_softmax_only_without_mask(xp, mask, monkeypatch):
+    """The backends' fused softmax (torch.softmax, jax.nn.softmax) gives NaN on a row whose keys
+    are all masked (-inf); attention_probs uses it only without a mask, so fully masked rows stay
+    zero on every backend. A stand-in with the fused kernels' NaN behaviour makes the dispatch
+    observable on NumPy / array_api_strict (whose standard path is otherwise the only one)."""
+    calls = []
+
+    def fused(xp_, s):  # softmax over the last axis as torch / JAX compute it: NaN on all -inf rows
+        calls.append(tuple(s.shape))
+        mx = xp_.max(s, axis=-1, keepdims=True)
+        e = xp_.exp(s - mx)
+        return e / xp_.sum(e, axis=-1, keepdims=True)
+
+    monkeypatch.setattr(_delegate, "softmax_last", fused)
+    rng = np.random.default_rng(5)
+    q_np, q = rand(xp, xp.float64, rng, 1, 2, 3, 2)
+    k_np, k = rand(xp, xp.float64, rng, 1, 2, 3, 2)
+    s = q_np @ np.swapaxes(k_np, -1, -2) / np.sqrt(2)
+    t = tol(xp, xp.float64)
+    assert_close(mc.attention_probs(q, k), _softmax(s), **t)  # no mask: the fused kernel
+    assert calls == [(1, 2, 3, 3)]
+    keep = np.ones((3, 3), dtype=bool)
+    keep[1] = False  # query 1 sees no key
+    if mask == "bool":
+        m = asarray(xp, keep)
+    else:
+        m = asarray(xp, np.where(keep, 0.0, -np.inf))
+    want = np.zeros_like(s)  # rows 0 and 2 keep every key; row 1 none
+    want[..., [0, 2], :] = _softmax(s[..., [0, 2], :])
+    assert_close(mc.attention_probs(q, k, mask=m), want, **t)
+    assert calls == [(1, 2, 3, 3)]
+
+
 @xgiven(seed=seeds, b=st.integers(1, 3), h=st.integers(1, 3), n=st.integers(1, 4), d=st.integers(1, 4),
        bias=st.booleans())
 def test_attention_weighted_mean(xp, dtype, seed, b, h, n, d, bias):

@@ -369,6 +369,31 @@ def test_attention_probs_integer_inputs(xp):
     assert_close(p, want / want.sum(-1, keepdims=True), **tol(xp, xp.float32))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dts", [("float64", "float32"), ("float32", "float64"), ("int32", "float64")],
+                         ids=lambda d: "-".join(d))
+def test_attention_probs_mixed_dtypes(xp, causal, dts):
+    """q and k of different dtypes: both are taken in q's statistics dtype (as x's in
+    attention_weighted_mean), so the probabilities have one dtype whatever k's is."""
+    rng = np.random.default_rng(8)
+    b, h, n, dh = 2, 2, 3, 4
+    qdt, kdt = getattr(xp, dts[0]), getattr(xp, dts[1])
+    if dts[0] == "int32":
+        q = xp.astype(asarray(xp, rng.integers(-2, 3, (b, h, n, dh))), qdt)
+        q_np = to_numpy(q)
+    else:
+        q_np, q = rand(xp, qdt, rng, b, h, n, dh)
+    k_np, k = rand(xp, kdt, rng, b, h, n, dh)
+    p = mc.attention_probs(q, k, causal=causal)
+    sdt = xp.float64 if dts[0] == "float64" else xp.float32
+    assert_like(p, q, dtype=sdt)
+    s = q_np @ np.swapaxes(k_np, -1, -2) / math.sqrt(dh)
+    if causal:
+        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    assert_close(p, e / e.sum(axis=-1, keepdims=True), **tol(xp, sdt))
+
+
 @pytest.mark.parametrize("mode", ["reference", "per_head"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dts", [("float64", "float32"), ("float32", "float64"), ("int32", "float32")],
@@ -435,6 +460,7 @@ def test_mixed_namespaces_and_missing_arrays_raise(xp):
     pc = mc.kfac(mode="exact")
     s = pc.init(3, 2, xp=xp)
     e = mc.ema_init((3,), xp=xp)
+    ms = mc.mac().init(3, xp=xp)
     mixed = [
         lambda: mc.mac_apply(og, a, 1.0), lambda: mc.mac_apply(g, oa, 1.0),
         lambda: mc.mac_apply(g, a, 1.0, grad_diag=oxp.ones((2,))),
@@ -463,6 +489,7 @@ def test_mixed_namespaces_and_missing_arrays_raise(xp):
         lambda: mc.ema_debiased(e._replace(value=None), decay=0.5),
         lambda: ema_weight(e._replace(value=None, weight=None), decay=0.5),
         lambda: pc.update(s._replace(a=s.a._replace(value=None)), A=xp.eye(3), G=G),
+        lambda: mc.mac().update(ms._replace(mean=ms.mean._replace(value=None)), mean=a),
         lambda: pc.apply(s, None),
     ]
     for i, f in enumerate(mixed):
@@ -520,7 +547,9 @@ def test_pair_dampings_only_where_meaningful():
     M = np.eye(3)
     for f in (lambda: mc.mac(damping=(0.1, 0.2)), lambda: mc.damped_inverse(M, (0.1, 0.2)),
               lambda: mc.pi_dampings(M, M, (0.1, 0.2)), lambda: mc.mac_apply(np.ones((2, 3)), np.ones(3), (0.1, 0.2)),
-              lambda: mc.kfac(mode="pi", damping=(0.1, 0.2)), lambda: mc.kfac(mode="exact", damping=(0.1, 0.2))):
+              lambda: mc.kfac(mode="pi", damping=(0.1, 0.2)), lambda: mc.kfac(mode="exact", damping=(0.1, 0.2)),
+              # a reduction factor is one number (a pair would broadcast over G's columns)
+              lambda: mc.gradient_factor(np.ones((4, 2)), reduction_factor=(1.0, 2.0))):
         with pytest.raises((TypeError, ValueError), match="single positive number|only meaningful"):
             f()
     mc.kfac(mode="tikhonov", damping=(0.1, 0.2))  # accepted
@@ -1297,15 +1326,18 @@ def test_engine_names_hyperparameters_and_dtypes(xp):
     assert bool(engine.all_finite([xp.ones((2,)), None, xp.ones((2,), dtype=xp.int32)]))
 
 
-def test_apply_split_mac_never_forms_the_gradient_matrix():
-    """MAC's apply_split works on the weight and bias gradients as they are (no [d_out, d̃] matrix
-    concatenated; in place: no copy of the gradient at all), with the same result as apply."""
+@pytest.mark.parametrize("diagonal", [False, True], ids=["mac", "smac"])
+def test_apply_split_mac_never_forms_the_gradient_matrix(diagonal):
+    """MAC's (and SMAC's) apply_split works on the weight and bias gradients as they are (no
+    [d_out, d̃] matrix concatenated; in place: no copy of the gradient at all), with the same result
+    as apply."""
     import tracemalloc
 
     spec = mc.LayerSpec(mc.LayerKind.LINEAR, 4096, 64, True)
-    method = engine.mac_method(damping=0.5)
+    method = engine.mac_method(damping=0.5, diagonal=diagonal)
     rng = np.random.default_rng(21)
-    st = run_steps(method, spec, np, np.float32, [(rng.standard_normal((8, 4096)), None)])
+    grows = rng.standard_normal((8, 64)) if diagonal else None
+    st = run_steps(method, spec, np, np.float32, [(rng.standard_normal((8, 4096)), grows)])
     gw = rng.standard_normal((64, 4096)).astype(np.float32)
     gb = rng.standard_normal(64).astype(np.float32)
     want = method.apply(spec, st, mc.grad_matrix(gw, gb))
@@ -1360,11 +1392,34 @@ def test_engine_loss_scale_and_missing_bias_gradient(xp, name):
         assert_close(b0, to_numpy(b1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("structures", [("hierarchical2_1", "block2diagonal"), ("tril_toeplitz", "triu_bottom_right_diag")])
+@pytest.mark.parametrize("diagonal", [False, True], ids=["mac", "smac"])
+def test_apply_split_inplace_on_a_non_contiguous_conv_gradient(diagonal):
+    """In place on a conv weight gradient whose flattening is a copy (a transposed view): the
+    result is written back into the given arrays, equal to apply on the gradient matrix."""
+    spec = LAYERS["conv-bias"]  # weight [2, 2, 2, 3]
+    method = engine.mac_method(damping=0.5, diagonal=diagonal)
+    rng = np.random.default_rng(31)
+    x, g = layer_data(spec, rng)
+    st = run_steps(method, spec, np, np.float64, [(x, g)])
+    gw = np.transpose(rng.standard_normal((2, 2, 3, 2)), (0, 1, 3, 2))  # not C-contiguous
+    gb = rng.standard_normal(2)
+    want = to_numpy(method.apply(spec, st, mc.grad_matrix(gw, gb)))
+    w, b = engine.apply_split(method, spec, st, gw, gb, inplace=True)
+    assert w is gw and b is gb
+    t = tol(np, np.float64)
+    assert_close(gw.reshape(2, -1), want[:, :-1], **t)
+    assert_close(gb, want[:, -1], **t)
+
+
+@pytest.mark.parametrize("structures", [("hierarchical2_1", "block2diagonal"), ("tril_toeplitz", "triu_bottom_right_diag"),
+                                        ("block2diagonal", "block2diagonal")])
 def test_engine_singd_structures_with_several_parameter_arrays(xp, structures):
     """The engine flattens each statistic to one array for pooling and unflattens it for update:
-    identical to the core SINGD fed with the same rows."""
+    identical to the core SINGD fed with the same rows (block2diagonal of size 5: two parameter
+    arrays, the 2×2 blocks and the last 1×1 block)."""
     spec = LAYERS["linear-bias"]
+    if structures == ("block2diagonal", "block2diagonal"):
+        spec = mc.LayerSpec(mc.LayerKind.LINEAR, 4, 5, True, name="fc5")
     rng = np.random.default_rng(26)
     x, g = layer_data(spec, rng)
     method = engine.singd_method(structures=structures, loss_average=None, lr_cov=0.2, damping=1e-2)
