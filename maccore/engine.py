@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Callable, Mapping, NamedTuple
 
 from maccore import _delegate
@@ -73,6 +74,7 @@ __all__ = [
     "Stat",
     "all_finite",
     "apply_split",
+    "data_parallel_grad_scale",
     "first_layer_inverse",
     "kfac_method",
     "loss_terms",
@@ -292,6 +294,15 @@ class CurvatureMethod(NamedTuple):
     - ``templates(spec, state) -> {key: array}``: an array of each finalized statistic's shape and
       dtype (what a device that saw no batch of this layer contributes, with weight 0).
     - ``hyperparameters``: the method's settings by keyword.
+    - ``grad_stats_scale_with_loss`` (default ``False``): whether ``grad_statistics`` is a plain
+      statistic of the output-gradient rows that no reduction factor renormalises (SMAC's
+      published E_rows[g⊙g]), so that it scales with the square of the loss's normalisation.
+      KFAC's G and SINGD's H_C are divided by the reduction factor of the local batch, which
+      cancels the normalisation: they are the same whatever the loss's normalisation. Under data
+      parallelism (each of W ranks takes the mean loss of its rows, the gradients are averaged
+      over the ranks) the effective loss is the global mean, whose output gradient is the rank's
+      ``g / W``: a method with this flag must see its rows divided by W to match one process on
+      the concatenated batch. Adapters pass ``grad_scale=``:func:`data_parallel_grad_scale`.
     """
 
     name: str
@@ -310,6 +321,35 @@ class CurvatureMethod(NamedTuple):
     wants_attention: Callable[..., bool]
     templates: Callable[..., dict]
     hyperparameters: Mapping[str, Any]
+    grad_stats_scale_with_loss: bool = False
+
+
+def data_parallel_grad_scale(method: CurvatureMethod, world_size: Any,
+                             grad_scale: Any = 1.0) -> Any:
+    """The ``grad_scale`` an adapter passes to ``method.grad_statistics`` on one of
+    ``world_size`` data-parallel ranks (devices of a mapped axis) whose gradients are averaged
+    across the ranks, each rank's loss normalised by its own rows (the usual convention of DDP,
+    FSDP and ``lax.pmean``); ``grad_scale`` is the loss scale of mixed precision (1.0 without).
+
+    The loss each rank backpropagates is ``world_size`` times its share of the effective
+    (global-mean) loss, so for a method whose gradient statistic is not renormalised by the
+    batch size (:attr:`CurvatureMethod.grad_stats_scale_with_loss`, SMAC) the rows are divided by
+    ``world_size`` as well: ``grad_scale · world_size``. For the other methods ``grad_scale`` is
+    returned unchanged (their statistics are invariant). ``world_size`` is a positive int (or a
+    concrete integer array, e.g. ``jax.lax.psum(1, axis_name)``); 1 outside data parallelism.
+    """
+    if not method.grad_stats_scale_with_loss:
+        return grad_scale
+    try:
+        if isinstance(world_size, bool):
+            raise TypeError
+        world_size = operator.index(world_size)  # ints, NumPy integers, concrete 0-d int arrays
+    except TypeError:
+        raise TypeError(f"data_parallel_grad_scale: world_size must be a positive integer "
+                        f"(a concrete value), got {world_size!r}") from None
+    if world_size < 1:
+        raise ValueError(f"data_parallel_grad_scale: world_size must be >= 1, got {world_size}")
+    return grad_scale if world_size == 1 else grad_scale * world_size
 
 
 def _mean_stats(pooled: Mapping[str, Stat]) -> dict[str, tuple[Array, float]]:
@@ -447,6 +487,10 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
     ``"per_head"``). SMAC adds the EMA of the output-gradient diagonal E_rows[g⊙g] for plain layers
     and value projections (not fused qkv projections). A first-layer
     inverse (:func:`with_first_layer`) replaces the rank-1 form for that layer.
+
+    SMAC's statistic is not divided by the loss's reduction factor, so it follows the loss's
+    normalisation (``grad_stats_scale_with_loss=True``): under data parallelism the adapters pass
+    ``grad_scale=``:func:`data_parallel_grad_scale` to ``grad_statistics``.
     """
     check_flag(diagonal, "diagonal", "mac_method")
     if scale not in MAC_SCALES:
@@ -517,6 +561,8 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
         lambda spec, state: ({"mean": state.mean.value} | (
             {"diag": state.diag.value} if uses_diag(spec) else {})),
         {"stat_decay": stat_decay, "damping": damping, "scale": scale, "diagonal": diagonal},
+        # SMAC's E_rows[g⊙g] is the published statistic, not divided by the reduction factor
+        grad_stats_scale_with_loss=diagonal,
     )
 
 

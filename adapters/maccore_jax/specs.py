@@ -505,6 +505,9 @@ def coverage(
                       f"maccore_jax.Dense(in_ndim=...)}}; or skip_layers=[{node!r}]")
         elif keys[-1] == "embedding":
             reason = "embedding (a lookup, not a linear map of a layer input)"
+        elif len(shape) >= 3 and shape[0] == 1:
+            reason = (f"{len(shape)}-D leaf {keys[-1]!r} {list(shape)} broadcast over the batch (a class "
+                      f"token, position embedding, …): added, not a linear map")
         elif len(shape) >= 2:
             suspicious = True
             reason = (f"{len(shape)}-D leaf {keys[-1]!r} is not a '{wkey}' of a layer "

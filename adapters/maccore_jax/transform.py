@@ -140,7 +140,9 @@ def scale_by_curvature(
             gradients are averaged by the caller, as usual with optax (``lax.pmean``). Every device
             holds a shard of the same shape, so the engine's row-weighted mean is the plain mean:
             with equal shards this reproduces the single-device statistics of the full batch
-            (KFAC/SINGD: the loss reduction is per device, e.g. ``loss_average="batch"``).
+            (KFAC/SINGD: the loss reduction is per device, e.g. ``loss_average="batch"``; SMAC:
+            each device's loss is the mean over its shard, and its output-gradient rows are
+            divided by the axis size, ``maccore.engine.data_parallel_grad_scale``).
         on_nonfinite: ``"skip"`` (default): a step with NaN/Inf gradients, statistics or updates
             returns zero updates and leaves the curvature state unchanged; ``"raise"``; ``None``
             (no check). Wrap your whole chain in :func:`skip_nonfinite` to keep its momenta too.
@@ -254,6 +256,10 @@ def scale_by_curvature(
                 )
             pleaves = find(params)[1]
         beta = lr_cov(state.count) if callable(lr_cov) else lr_cov
+        # data parallelism over axis_name (per-device mean losses, pmean-ed gradients): the
+        # engine's rule for methods whose gradient statistic is not renormalised (SMAC)
+        world = 1 if axis_name is None else lax.psum(1, axis_name)
+        grad_scale = engine.data_parallel_grad_scale(method, world)
         if hasattr(beta, "ndim"):
             beta = jnp.reshape(jnp.asarray(beta), ())
 
@@ -267,7 +273,8 @@ def scale_by_curvature(
                     attn = probs[n] if n in probs else _attention(layer, spec, x, pleaves)
                 stats = method.input_statistics(spec, st, x, attn=attn)
             if n in want_g:
-                g = method.grad_statistics(spec, st, layer.nchw(gouts[n], output=True))
+                g = method.grad_statistics(spec, st, layer.nchw(gouts[n], output=True),
+                                           grad_scale=grad_scale)
                 stats = engine.pool_stats(stats, g)
             return stats
 

@@ -23,6 +23,7 @@ no stale, overflowed statistics behind).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from typing import Any, Iterable, Mapping
@@ -317,7 +318,10 @@ class HookedPreconditioner:
         self.layers = self.layers + new
         if self._capture is not None:
             self._capture.remove()
-        self._capture = LayerCapture(self.model, self.layers, self.curvature, self.loss_scale)
+        # (a partial, not a bound method: the capture must not keep the optimizer alive)
+        self._capture = LayerCapture(self.model, self.layers, self.curvature, self.loss_scale,
+                                     world_size=functools.partial(distributed.world_size,
+                                                                  self.process_group))
         self._sync_hooks()
         self._check_coverage(params if scope is None else scope)
 

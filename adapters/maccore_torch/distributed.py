@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
     DTensor = Shard = None
 
 __all__ = ["average_statistics", "check_shardable", "is_distributed", "is_sharded", "local_rows",
-           "precondition_shard", "weighted_mean"]
+           "precondition_shard", "weighted_mean", "world_size"]
 
 Entry = tuple[torch.Tensor | None, float, torch.Tensor]  # (value or None, weight, template)
 
@@ -42,6 +42,13 @@ Entry = tuple[torch.Tensor | None, float, torch.Tensor]  # (value or None, weigh
 def is_distributed(group: Any = None) -> bool:
     """Whether ``torch.distributed`` is initialised with more than one rank in ``group``."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group: Any = None) -> int:
+    """The number of ranks in ``group`` when ``torch.distributed`` is initialised with more than
+    one (:func:`is_distributed`), else 1: the data-parallel world size the statistics of SMAC are
+    normalised by (``maccore.engine.data_parallel_grad_scale``)."""
+    return dist.get_world_size(group) if is_distributed(group) else 1
 
 
 def weighted_mean(entries: Sequence[Entry], group: Any = None) -> list[tuple[torch.Tensor, float]]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import maccore
-from maccore.engine import CurvatureMethod, pool_stats
+from maccore.engine import CurvatureMethod, data_parallel_grad_scale, pool_stats
 
 from maccore_torch.attention import capture_mha, module_probs, qkv_probs, to_batch_first
 from maccore_torch.numerics import LossScale, stats_mode
@@ -158,8 +158,10 @@ class LayerCapture:
     """The hooks of one preconditioner on its model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, layers: list[Layer], method: CurvatureMethod,
-                 loss_scale: LossScale):
+                 loss_scale: LossScale, world_size: Callable[[], int] | None = None):
         self.model, self.layers, self.method, self.loss_scale = model, layers, method, loss_scale
+        # the number of data-parallel ranks whose gradients are averaged (1: one process)
+        self.world_size = world_size or (lambda: 1)
         self._by_module: dict[int, tuple[nn.Module, list[Layer]]] = {}
         for layer in layers:
             for m in layer.modules:
@@ -338,9 +340,12 @@ class LayerCapture:
     def _on_grad(self, layer: Layer, spec: maccore.LayerSpec, fix: Callable | None,
                  grad: torch.Tensor) -> None:
         g = grad.detach() if fix is None else fix(grad.detach())
+        # the loss scale, and under data parallelism the world size for methods whose gradient
+        # statistic is not renormalised by the batch size (SMAC): the engine's rule
+        grad_scale = data_parallel_grad_scale(self.method, self.world_size(),
+                                              self.loss_scale.current())
         with stats_mode(g):
-            stats = self.method.grad_statistics(spec, layer.state, g,
-                                                grad_scale=self.loss_scale.current())
+            stats = self.method.grad_statistics(spec, layer.state, g, grad_scale=grad_scale)
         layer.grad_acc = pool_stats(layer.grad_acc, stats)
 
 

@@ -83,7 +83,10 @@ class MACPreconditioner(HookedPreconditioner):
             (``None``: never). reset_after: after this many consecutive skipped steps,
             re-initialise the state (and the optimizer's momenta) of the layers whose
             preconditioner or update was not finite (``None``, the default: never).
-        process_group: for the statistics all-reduce (default: the world).
+        process_group: for the statistics all-reduce (default: the world). Under data
+            parallelism (DDP, FSDP2: each rank's loss the mean over its rows, gradients averaged
+            over the group) SMAC divides its output-gradient rows by the group's size, so that
+            its statistic E_rows[g⊙g] is that of one process on the concatenated batch.
     """
 
     method = "MAC"

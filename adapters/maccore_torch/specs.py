@@ -475,6 +475,9 @@ def coverage(model: nn.Module, layers: list[Layer], params: Iterable[torch.Tenso
                 reason = "bias of a layer whose weight is frozen / not optimised"
             elif isinstance(m, _NOT_LINEAR):
                 reason = f"{type(m).__name__}: not a linear map of the layer input"
+            elif p.ndim >= 3 and p.shape[0] == 1:
+                reason = (f"{p.ndim}-D parameter {list(p.shape)} of {type(m).__name__} broadcast over the "
+                          f"batch (a class token, position embedding, …): added, not a linear map")
             elif p.ndim >= 2:
                 suspicious = True
                 reason = (f"{type(m).__name__} holds a {p.ndim}-D parameter {list(p.shape)} that looks "

@@ -1,6 +1,10 @@
-"""Run by test_jax_multidevice.py in a fresh interpreter with 2 host devices: MAC and KFAC trained
-under shard_map (batch split over 2 devices, statistics averaged with axis_name) must follow the
-single-device trajectory on the full batch."""
+"""Run by test_jax_multidevice.py in a fresh interpreter with 2 host devices: MAC, SMAC and KFAC
+trained under shard_map (batch split over 2 devices, statistics averaged with axis_name) must
+follow the single-device trajectory on the full batch.
+
+SMAC's gradient statistic E_rows[g⊙g] is not renormalised by the batch size: each device's loss is
+its local mean and the gradients are pmean-ed, so its output-gradient rows are W times those of the
+effective (global-mean) loss; the adapter divides them by the size of ``axis_name``."""
 
 import os
 import sys
@@ -51,11 +55,15 @@ def main():
         (_, acts), (g, go) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, perts)
         return g, acts, go
 
-    for name in ("mac", "kfac"):
+    for name in ("mac", "smac", "kfac"):
 
         def make(axis_name=None):
             kw = dict(layers=specs, t_cov=1, t_inv=2, weight_decay=0.01, axis_name=axis_name)
-            return mj.mac(0.1, **kw) if name == "mac" else mj.kfac(0.05, damping=0.1, **kw)
+            if name == "mac":
+                return mj.mac(0.1, **kw)
+            if name == "smac":  # damping small against ẑ ~ E[g⊙g]: sensitive to its scale
+                return mj.mac(0.05, damping=0.02, diagonal=True, **kw)
+            return mj.kfac(0.05, damping=0.1, **kw)
 
         tx1, txd = make(), make("batch")
 
@@ -91,6 +99,11 @@ def main():
         for x, y in zip(xs, ys):
             p1, s1 = single(p1, s1, x, y)
             p2, s2 = multi(p2, s2, x, y)
+        def gap(t1, t2):
+            return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                       for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)))
+
+        print(name, f"max |single - multi|: params {gap(p1, p2):.3g}, state {gap(s1, s2):.3g}")
         for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
             np.testing.assert_allclose(
                 np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-4, atol=2e-5

@@ -51,6 +51,18 @@ def test_report_lists_every_leaf_with_reason():
     assert "embedding (a lookup" in rep and "skip_layers" in rep and "(scale/shift)" in rep
 
 
+def test_broadcast_leaves_are_not_suspicious():
+    params = {"cls_token": jnp.zeros((1, 1, 4)), "pos_embedding": jnp.zeros((1, 3, 4)),
+              "Dense_0": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+    rep = mj.report(params, method="MAC")
+    assert "WARNING" not in rep and rep.count("broadcast over the batch") == 2, rep
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mj.mac(0.1, strict=True).init(params)
+    with pytest.raises(ValueError, match="strict=True"):  # a real leading dimension: suspicious
+        mj.mac(0.1, strict=True).init({**params, "pos_embedding": jnp.zeros((2, 3, 4))})
+
+
 def _loss(model, perts, x, y):
     out, acts = mj.nnx.apply(model, x, perturbations=perts)
     return jnp.mean((out - y) ** 2), acts

@@ -63,6 +63,33 @@ def test_report_gives_reasons_and_suspicious_warns():
     assert "skip_layers['2']" in opt.report()
 
 
+class Tokens(nn.Module):
+    """A ViT-style embedding: a class token and position embeddings added to the patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4, dtype=DT))
+        self.pos = nn.Parameter(torch.zeros(1, 3, 4, dtype=DT))
+
+    def forward(self, x):  # [B, 2, 4] -> [B, 3, 4]
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+
+
+def test_broadcast_parameters_are_not_suspicious():
+    """[1, …]-shaped 3-D parameters (class token, position embedding) are skipped as additive;
+    a 3-D parameter with a real leading dimension still looks like a linear map."""
+    model = nn.Sequential(Tokens(), nn.Linear(4, 3)).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = mt.MAC(model, strict=True)
+    reasons = {s.parameter: (s.suspicious, s.reason) for s in opt.preconditioner.skipped}
+    assert set(reasons) == {"0.cls_token", "0.pos"}
+    assert all(not sus and "broadcast over the batch" in r for sus, r in reasons.values())
+    model[0].pos = nn.Parameter(torch.zeros(2, 3, 4, dtype=DT))
+    with pytest.raises(mt.UnsupportedLayerError, match="0.pos"):
+        mt.MAC(model, strict=True)
+
+
 def test_zero_layers_always_warns():
     with pytest.warns(UserWarning, match="0 preconditioned layers"):
         mt.MAC(nn.Sequential(nn.LayerNorm(3)))

@@ -2,7 +2,12 @@
 
 Statistics are all-reduced weighted by row counts, so every rank applies the preconditioner of
 the global batch; DDP averages the gradients. MAC (with the first-layer inverse fitted on the
-ranks' shards), KFAC and SINGD (dense and structured factors) are checked.
+ranks' shards), SMAC, KFAC and SINGD (dense and structured factors) are checked.
+
+SMAC's gradient statistic E_rows[g⊙g] is not renormalised by the batch size: with per-rank mean
+losses and DDP's averaged gradients every rank's output-gradient rows are W times those of the
+effective (global-mean) loss, and the adapter divides them by the world size
+(``CurvatureMethod.grad_stats_scale_with_loss``, ``maccore.engine.data_parallel_grad_scale``).
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ def _fit_batches():
     return [torch.randn(6, 2, 4, 4, generator=g, dtype=DT) for _ in range(2)]
 
 
-METHODS = ("MAC", "KFAC", "SINGD", "SINGD-diag")
+METHODS = ("MAC", "SMAC", "KFAC", "SINGD", "SINGD-diag")
 
 
 def _make(method, model):
     if method == "MAC":
         return mt.MAC(model, lr=0.1, stat_decay=0.8, damping=0.5, t_cov=2, t_inv=3)
+    if method == "SMAC":  # per-row gradient diagonal: sensitive to the loss's normalisation
+        return mt.MAC(model, lr=0.1, stat_decay=0.8, damping=0.05, t_cov=1, t_inv=2, diagonal=True)
     if method == "SINGD":
         return mt.SINGD(model, lr=0.05, damping=0.1, T=2, lr_cov=0.05, warn_unsupported=False)
     if method == "SINGD-diag":

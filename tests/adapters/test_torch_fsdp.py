@@ -6,6 +6,11 @@ applied to each rank's rows of ``grad.to_local()`` (row-local methods only: MAC,
 first-layer inverse, SINGD with a diagonal output-side factor). The row counts are odd (7, 5, 3)
 so the two shards differ in size. Methods that mix rows (KFAC, SINGD with a dense output-side
 factor) raise at construction, naming the layer.
+
+Every method uses the usual convention: each rank's loss is the mean over its own rows and FSDP2
+averages the gradients. SMAC's statistic E_rows[g⊙g] is not renormalised by the batch size, so
+the adapter divides its output-gradient rows by the world size
+(``CurvatureMethod.grad_stats_scale_with_loss``).
 """
 
 from __future__ import annotations
@@ -82,11 +87,6 @@ def _make(method, model):
     raise AssertionError(method)
 
 
-# SMAC's published statistic E_rows[g⊙g] depends on how the loss is normalised: per-rank mean
-# losses make every output-gradient row W times larger than the single process's (ẑ W² times).
-# These runs normalise the loss by the global batch and sum the gradients across ranks instead.
-GLOBAL_NORM = {"SMAC"}
-
 REFUSED = {
     "KFAC": lambda m: mt.KFAC(m, lr=0.05, damping=0.3, t_cov=1, t_inv=2),
     "SINGD-dense-dense": lambda m: mt.SINGD(m, lr=0.05, damping=0.1, structures=("dense", "dense"),
@@ -121,19 +121,9 @@ def _worker(rank, init_file, out_dir):
             opt = _make(method, model)
             if method == "MAC-first":
                 opt.fit_first_layer([_shard(b, rank) for b in _fit_batches()])
-            if method in GLOBAL_NORM:
-                for m in model.modules():
-                    if hasattr(m, "set_gradient_divide_factor"):  # sum the gradients (gloo: no
-                        m.set_gradient_divide_factor(1.0)          # PREMUL_SUM; plain SUM)
-                        m.set_force_sum_reduction_for_comms(True)
             for x, y in _data():
                 opt.zero_grad()
-                out, yr = model(_shard(x, rank)), _shard(y, rank)
-                if method in GLOBAL_NORM:
-                    loss = F.cross_entropy(out, yr, reduction="sum") / x.shape[0]
-                else:
-                    loss = F.cross_entropy(out, yr)
-                loss.backward()
+                F.cross_entropy(model(_shard(x, rank)), _shard(y, rank)).backward()
                 opt.step()
             torch.save(_full(model), os.path.join(out_dir, f"{method}-{rank}.pt"))
         errors = {}

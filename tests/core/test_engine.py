@@ -491,3 +491,70 @@ def test_method_arguments_checked_at_construction(xp):
     for kw in ({"key": x}, {"value": x}):
         with pytest.raises(ValueError, match="cross-attention needs both key and value"):
             engine.qkv_mean(spec, x, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# data parallelism: W ranks, each with the mean loss of its rows, gradients averaged over ranks
+
+
+def test_grad_stats_scale_with_loss_flag_and_data_parallel_grad_scale():
+    """Only SMAC's gradient statistic (E_rows[g⊙g], not renormalised by the reduction factor)
+    scales with the loss's normalisation; the rule multiplies the loss scale by the world size for
+    it alone."""
+    flags = {name: make().grad_stats_scale_with_loss for name, make in METHODS.items()}
+    assert flags == {name: name == "smac" for name in METHODS}, flags
+    assert engine.singd_method().grad_stats_scale_with_loss is False
+    smac, kfac = METHODS["smac"](), METHODS["kfac-tikhonov"]()
+    assert engine.data_parallel_grad_scale(smac, 4) == 4
+    assert engine.data_parallel_grad_scale(smac, 4, 128.0) == 512.0  # with a loss scale
+    assert engine.data_parallel_grad_scale(smac, np.int64(2), 3.0) == 6.0
+    assert engine.data_parallel_grad_scale(smac, 1, 8.0) == 8.0
+    assert engine.data_parallel_grad_scale(kfac, 4, 128.0) == 128.0
+    assert engine.data_parallel_grad_scale(METHODS["mac"](), 4) == 1.0
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="world_size"):
+            engine.data_parallel_grad_scale(smac, bad)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="world_size"):
+            engine.data_parallel_grad_scale(smac, bad)
+    # a method built by hand (the NamedTuple's default): invariant, nothing to rescale
+    hand = engine.CurvatureMethod(*smac[:-1])
+    assert hand.grad_stats_scale_with_loss is False
+    assert engine.data_parallel_grad_scale(hand, 4, 2.0) == 2.0
+
+
+@pytest.mark.parametrize("name", ["smac", "kfac-tikhonov", "singd"])
+def test_data_parallel_statistics_equal_the_concatenated_batch(xp, dtype, name):
+    """W ranks of n rows: each backpropagates the mean loss of its rows, so its output-gradient
+    rows are W times those of the global-mean loss. With ``grad_scale=data_parallel_grad_scale``
+    and the weight-weighted mean over ranks (what the adapters do) the finalized statistics equal
+    one process on the concatenated batch; without it SMAC's are W² too large."""
+    world, n = 3, 4
+    rng = np.random.default_rng(21)
+    x_np = rng.standard_normal((world * n, 4))
+    dl = rng.standard_normal((world * n, 3))  # ∂ℓ_i/∂z_i of every loss term
+    method = METHODS[name]()
+    st = method.init(LIN, xp=xp, dtype=dtype)
+
+    def finalized(x, g, grad_scale=1.0):
+        stats = {**method.input_statistics(LIN, st, asarray(xp, x, dtype)),
+                 **method.grad_statistics(LIN, st, asarray(xp, g, dtype), grad_scale=grad_scale)}
+        return method.finalize(LIN, st, stats)
+
+    def across_ranks(scale):
+        per_rank = [finalized(x_np[r * n:(r + 1) * n], dl[r * n:(r + 1) * n] / n, scale)
+                    for r in range(world)]  # the rank's own mean loss: ∂/∂z_i = ∂ℓ_i/∂z_i / n
+        out = {}
+        for k in per_rank[0]:
+            w = [float(f[k][1]) for f in per_rank]
+            out[k] = sum(to_numpy(f[k][0]) * wi for f, wi in zip(per_rank, w)) / sum(w)
+        return out
+
+    single = {k: to_numpy(v) for k, (v, _) in finalized(x_np, dl / (world * n)).items()}
+    ranks = across_ranks(engine.data_parallel_grad_scale(method, world))
+    assert set(ranks) == set(single)
+    for k in single:
+        assert_close(ranks[k], single[k], **tol(xp, dtype), err_msg=f"{name} {k}")
+    if name == "smac":  # the negative control: the rank's rows as they are
+        naive = across_ranks(1.0)
+        assert_close(naive["diag"], world ** 2 * single["diag"], **tol(xp, dtype))

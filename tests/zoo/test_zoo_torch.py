@@ -44,7 +44,14 @@ def _bert(tr):
     return tr.BertForMaskedLM(cfg)
 
 
-MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}
+def _vit(tr):
+    cfg = tr.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return tr.ViTForImageClassification(cfg)
+
+
+MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "vit": _vit}
 # (number of preconditioned layers, layer names that must be there, skipped parameter names)
 EXPECT = {
     "gpt2": (9, {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"},
@@ -53,6 +60,8 @@ EXPECT = {
               {"model.embed_tokens.weight", "model.norm.weight"}),
     "bert": (14, {"bert.encoder.layer.0.attention.self.query", "cls.predictions.transform.dense"},
              {"bert.embeddings.position_embeddings.weight", "bert.embeddings.LayerNorm.weight"}),
+    "vit": (14, {"vit.embeddings.patch_embeddings.projection", "vit.layers.1.attention.v_proj", "classifier"},
+            {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight"}),
 }
 
 
@@ -66,7 +75,18 @@ def _make(name, tr):
 # the attention modules "auto" declares, and the projection whose V statistics they feed
 ATTENTION = {"gpt2": ("transformer.h.{}.attn", "c_attn"),
              "llama": ("model.layers.{}.self_attn", "v_proj"),
-             "bert": ("bert.encoder.layer.{}.attention.self", "value")}
+             "bert": ("bert.encoder.layer.{}.attention.self", "value"),
+             "vit": ("vit.layers.{}.attention", "v_proj")}
+
+
+def _loss(model, name, g):
+    """The model's own loss on a fixed random batch (token ids, or 8×8 images for the ViT)."""
+    if name == "vit":
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        y = torch.randint(0, 10, (8,), generator=g)
+        return lambda: model(pixel_values=x, labels=y).loss
+    ids = torch.randint(1, 64, (4, 12), generator=g)
+    return lambda: model(input_ids=ids, labels=ids).loss
 
 
 def _opt(kind, model, name):
@@ -84,7 +104,7 @@ _LLAMA = pytest.param("llama", marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("kind", ["mac", "mac_per_head", _KFAC, "singd"])
-@pytest.mark.parametrize("name", ["bert", "gpt2", _LLAMA])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "vit", _LLAMA])
 def test_zoo_trains_and_reports(transformers, name, kind):
     model = _make(name, transformers)
     with warnings.catch_warnings():
@@ -106,12 +126,11 @@ def test_zoo_trains_and_reports(transformers, name, kind):
     if name in ("gpt2", "llama") and kind != "kfac":
         head = next(l for l in opt.preconditioner.layers if l.name == "lm_head")
         assert head.tied or name == "llama"
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 64, (4, 12), generator=g)
+    compute = _loss(model, name, torch.Generator().manual_seed(1))
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = compute()
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -134,11 +153,83 @@ def test_gpt2_conv1d_update_equals_core(transformers):
     torch.testing.assert_close(mod.weight.grad, want[:, :-1].T)
 
 
-def test_timm_skipped_reason():
+@pytest.fixture(scope="module")
+def timm():
     if TORCHVISION_BROKEN:
         pytest.skip(f"timm needs a torchvision matching the pinned torch: {TORCHVISION_BROKEN}")
-    pytest.importorskip("timm")
-    pytest.skip("timm cases not written yet (issue #13)")
+    return pytest.importorskip("timm")
+
+
+def _timm_vit(timm, qk_norm):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2,
+                             num_heads=4, mlp_ratio=2.0, qk_norm=qk_norm)
+
+
+def _train(model, opt, x, y):
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["mac", _KFAC, "singd"])
+def test_timm_vit_trains_with_fused_qkv_attention(timm, kind):
+    """timm's ViT (fused qkv Linear, probabilities recomputed from its output: exact without q/k
+    norms): every block's qkv declared, the class token and position embedding skipped as
+    additive, the loss falls over 20 steps."""
+    model = _timm_vit(timm, qk_norm=False)
+    attention = {f"blocks.{i}.attn.qkv": mt.QKV(num_heads=4) for i in range(2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = (mt.MAC(model, lr=0.05, attention=attention, strict=True) if kind == "mac"
+               else mt.KFAC(model, strict=True) if kind == "kfac"
+               else mt.SINGD(model, lr=0.05, warn_unsupported=False, strict=True))
+    layers = {l.name for l in opt.preconditioner.layers}
+    assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc2", "head"} <= layers
+    assert {"cls_token", "pos_embed", "norm.weight"} <= {s.parameter for s in opt.preconditioner.skipped}
+    if kind == "mac":
+        assert sum(l.role == "qkv" for l in opt.preconditioner.layers) == 2
+    g = torch.Generator().manual_seed(1)
+    losses = _train(model, opt, torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_timm_vit_qk_norm_is_refused(timm):
+    """With qk_norm=True, q and k are normalised between the projection and the scores: the
+    probabilities recomputed from the qkv output would be wrong, so MAC refuses (naming the
+    layer) instead of approximating; attention off is accepted."""
+    model = _timm_vit(timm, qk_norm=True)
+    attention = {"blocks.0.attn.qkv": mt.QKV(num_heads=4)}
+    with pytest.raises(mt.UnsupportedLayerError, match=r"blocks\.0\.attn\.qkv.*q_norm|q_norm.*blocks\.0"):
+        mt.MAC(model, attention=attention)
+    mt.MAC(model, attention={"blocks.0.attn.qkv": mt.QKV(num_heads=4, mode="off")})
+
+
+@pytest.mark.parametrize("kind", ["mac", _KFAC, "singd"])
+def test_timm_resnet_trains(timm, kind):
+    """timm's ResNet (basic blocks, batch norm): every convolution and the classifier
+    preconditioned, batch-norm parameters skipped with their reason, the loss falls."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, in_chans=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = (mt.MAC(model, lr=0.05, strict=True) if kind == "mac" else mt.KFAC(model, strict=True)
+               if kind == "kfac" else mt.SINGD(model, lr=0.05, warn_unsupported=False, strict=True))
+    convs = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {l.name for l in opt.preconditioner.layers} == convs
+    assert all(not s.suspicious for s in opt.preconditioner.skipped)
+    g = torch.Generator().manual_seed(1)
+    losses = _train(model, opt, torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_tied_head_report(transformers):
