@@ -39,6 +39,7 @@ except ImportError:  # a plain checkout
     import maccore_torch
 
 from benchmarks._harness import Result, machine_info, print_table
+from benchmarks.bench_train import interleaved_blocks
 
 BATCH = 32
 BLOCK = 10
@@ -119,28 +120,11 @@ class Trainer:
         return time.perf_counter() - t0
 
 
-def interleaved(trainers: dict[str, Trainer], rounds: int) -> dict[str, list[float]]:
-    names = list(trainers)
-    for _ in range(BLOCK):  # warm-up: one schedule period, every buffer allocated
-        for n in names:
-            trainers[n].step()
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
-        acc = dict.fromkeys(names, 0.0)
-        for s in range(BLOCK):
-            k = s % len(names)
-            for n in names[k:] + names[:k]:
-                acc[n] += trainers[n].step()
-        for n in names:
-            out[n].append(acc[n])
-    return out
-
-
 def run(repeats: int, names=("SGD", "MAC", "KFAC", "SINGD", "singd package")) -> list[Result]:
     trainers = {n: Trainer(n) for n in names}
     missing = [n for n, t in trainers.items() if t.opt is None]
     trainers = {n: t for n, t in trainers.items() if t.opt is not None}
-    times = interleaved(trainers, repeats)
+    times = interleaved_blocks(trainers, rounds=repeats, block=BLOCK)
     med = {n: statistics.median(v) / BLOCK * 1e3 for n, v in times.items()}
 
     def ratios(a: str, b: str) -> list[float]:

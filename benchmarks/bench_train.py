@@ -216,8 +216,10 @@ class Trainer:
         return time.perf_counter() - t0
 
 
-def interleaved_blocks(trainers: dict[Any, Trainer], *, rounds: int, warmup: int = 1) -> dict[Any, list[float]]:
-    """Seconds per block of ``BLOCK`` steps, ``rounds`` blocks per trainer.
+def interleaved_blocks(trainers: dict[Any, Any], *, rounds: int, warmup: int = 1,
+                       block: int = BLOCK) -> dict[Any, list[float]]:
+    """Seconds per block of ``block`` steps, ``rounds`` blocks per trainer (anything with a
+    ``step()`` returning its seconds).
 
     The trainers advance step by step in turn (the order rotated every step), so the i-th blocks of
     all trainers are measured over the same stretch of wall time: a burst of load from other
@@ -225,7 +227,7 @@ def interleaved_blocks(trainers: dict[Any, Trainer], *, rounds: int, warmup: int
     (t_cov) and refresh (t_inv) periods, so its time is the amortised cost of the schedule.
     """
     names = list(trainers)
-    for _ in range(warmup * BLOCK):
+    for _ in range(warmup * block):
         for n in names:
             trainers[n].step()
     out: dict[Any, list[float]] = {n: [] for n in names}
@@ -234,7 +236,7 @@ def interleaved_blocks(trainers: dict[Any, Trainer], *, rounds: int, warmup: int
     try:
         for _ in range(rounds):
             acc = dict.fromkeys(names, 0.0)
-            for s in range(BLOCK):
+            for s in range(block):
                 k = s % len(names)
                 for n in names[k:] + names[:k]:
                     acc[n] += trainers[n].step()

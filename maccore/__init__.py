@@ -7,7 +7,7 @@ Conventions (row-major, bias last, canonical A/G split): see ``docs/conventions.
 
 from maccore import checkpoint  # noqa: F401  (portable checkpoints: maccore.checkpoint)
 from maccore._typing import Preconditioner
-from maccore._xp import is_due
+from maccore._xp import check_period, is_due
 from maccore.ema import EmaState, ema_debiased, ema_init, ema_update
 from maccore.kfac import (
     DecompositionError,
@@ -71,6 +71,7 @@ __all__ = [
     "SingdState",
     "attention_probs",
     "attention_weighted_mean",
+    "check_period",
     "conv2d_grad_rows",
     "conv2d_mean_patch",
     "conv2d_output_size",

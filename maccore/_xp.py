@@ -295,23 +295,31 @@ def _concrete(x: Any) -> Any:
         return None
 
 
-def is_due(count: Any, period: Any) -> Any:
-    """``count % period == 0``: the schedule predicate adapters evaluate. ``count`` an int or a 0-d
-    integer array (traced under ``jax.jit``); ``period`` a positive int or a 0-d integer array
-    (e.g. injected by ``optax.inject_hyperparams``; its value is checked when it can be read) —
-    with arrays the predicate is array arithmetic, a 0-d boolean array."""
+def check_period(period: Any, name: str = "period", where: str | None = None) -> Any:
+    """A positive integer period (statistics / refresh schedules): a Python int (returned as
+    ``int``) or a 0-d integer array (e.g. injected by ``optax.inject_hyperparams``; its value is
+    checked when it can be read, a traced value is used as it is; returned as it is)."""
     if compat.is_array_api_obj(period) and not isinstance(period, numbers.Integral):
         xp = compat.array_namespace(period)
         if period.ndim != 0 or not xp.isdtype(period.dtype, "integral"):
             raise ValueError(
-                f"period must be a positive integer or a 0-d integer array, got an array of shape "
-                f"{shape_str(period)} and dtype {period.dtype}"
+                f"{_where(where)}{name} must be a positive integer or a 0-d integer array, got an "
+                f"array of shape {shape_str(period)} and dtype {period.dtype}"
             )
         value = _concrete(period)
         if value is not None and value < 1:
-            raise ValueError(f"period must be a positive integer, got {value!r}")
-    elif isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
-        raise ValueError(f"period must be a positive integer, got {period!r}")
+            raise ValueError(f"{_where(where)}{name} must be a positive integer, got {int(value)!r}")
+        return period
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
+        raise ValueError(f"{_where(where)}{name} must be a positive integer, got {period!r}")
+    return int(period)
+
+
+def is_due(count: Any, period: Any) -> Any:
+    """``count % period == 0``: the schedule predicate adapters evaluate. ``count`` an int or a 0-d
+    integer array (traced under ``jax.jit``); ``period`` as :func:`check_period` accepts it — with
+    arrays the predicate is array arithmetic, a 0-d boolean array."""
+    check_period(period)
     if isinstance(count, bool) or not (
         isinstance(count, numbers.Integral) or compat.is_array_api_obj(count)
     ):

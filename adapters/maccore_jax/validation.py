@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import maccore
+
 __all__ = [
     "NONFINITE",
     "STATIC",
@@ -89,21 +91,9 @@ def check_static(v: Any, name: str, where: str) -> None:
 
 def check_period(v: Any, name: str, where: str) -> Any:
     """A positive integer period (statistics / refresh): a Python int (returned as ``int``) or a
-    0-d integer array (``optax.inject_hyperparams``; its value checked when it can be read,
-    returned as it is — the schedule then runs on array arithmetic)."""
-    if _is_array(v):
-        if tuple(v.shape) != () or not jnp.issubdtype(v.dtype, jnp.integer):
-            raise ValueError(
-                f"{where}: {name} must be a positive integer or a 0-d integer array, got an array "
-                f"of shape {list(v.shape)} and dtype {v.dtype}"
-            )
-        value = _value(v)
-        if value is not None and value < 1:
-            raise ValueError(f"{where}: {name} must be a positive integer, got {int(value)!r}")
-        return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
-    return int(v)
+    0-d integer array (``optax.inject_hyperparams``; the schedule then runs on array arithmetic):
+    :func:`maccore.check_period`."""
+    return maccore.check_period(v, name, where)
 
 
 def check_on_nonfinite(on_nonfinite: Any, where: str) -> None:
