@@ -261,9 +261,12 @@ def _check_kind(a: Any, leaf: Array, p: str, where: str) -> None:
 
 
 def _like(a: Any, leaf: Array) -> Array:
-    """``a`` (NumPy) as an array of ``leaf``'s namespace, dtype and device."""
+    """``a`` (NumPy) as an array of ``leaf``'s namespace, dtype and device: copied as it is, then
+    cast (a direct ``asarray(..., dtype=)`` of another width is refused by some namespaces, e.g.
+    torch for an int8 counter loaded into an int32 field)."""
     xp = compat.array_namespace(leaf)
-    return xp.asarray(a, dtype=leaf.dtype, device=compat.device(leaf), copy=True)
+    out = xp.asarray(a, device=compat.device(leaf), copy=True)
+    return out if out.dtype == leaf.dtype else xp.astype(out, leaf.dtype)
 
 
 def to_numpy(x: Any) -> Any:
