@@ -97,6 +97,7 @@ def test_engine_methods_keep_state_and_updates_on_device(make):
     state = method.refresh(spec, method.update(spec, state, {k: v for k, (v, w) in fin.items()}))
     assert all(leaf.device == DEV for leaf in _leaves(state))
     _on_dev(method.apply(spec, state, _a(3, 5)), *engine.apply_split(method, spec, state, _a(3, 4), _a(3)))
+    _on_dev(*engine.apply_split(method, spec, state, _a(3, 4), None))  # the bias column made here
     _on_dev(method.curvature_dense(spec, state), method.preconditioner_dense(spec, state))
     assert bool(engine.all_finite([_a(2), _a(3)]))
 

@@ -315,6 +315,38 @@ def test_value_projection_statistics(xp, mode, kv, bias):
                 engine.qkv_mean(spec, x, attn=bad)
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_num_rows_of_an_unbatched_conv_input(xp, depthwise):
+    """A conv input [C, H, W] (no batch axis) has the rows of the batch of one [1, C, H, W]."""
+    c = 4
+    spec = mc.LayerSpec(mc.LayerKind.CONV2D, 9 if depthwise else 9 * c, c, True, name="conv",
+                        conv=mc.ConvSpec(kernel_size=3, padding=1, groups=c if depthwise else 1))
+    x = asarray(xp, np.ones((c, 5, 6)))
+    assert engine.num_rows(spec, x) == engine.num_rows(spec, xp.reshape(x, (1, c, 5, 6))) == 30 * (
+        c if depthwise else 1)
+
+
+def test_value_projection_refuses_key_or_value_and_keeps_smac_diagonal(xp):
+    """A value projection takes its own input only: a key OR a value alone is refused; with
+    SMAC its gradient diagonal is kept (fused qkv layers have none)."""
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, 3, 4, True, qkv=mc.QkvSpec(num_heads=2, layout="v"), name="v")
+    x = asarray(xp, np.ones((2, 3, 3)))
+    attn = asarray(xp, np.full((2, 2, 3, 3), 1 / 3))
+    for kw in ({"key": x}, {"value": x}):
+        with pytest.raises(ValueError, match="takes its own input only"):
+            engine.qkv_mean(spec, x, attn=attn, **kw)
+        with pytest.raises(ValueError, match="takes its own input only"):
+            engine.mac_method().input_statistics(spec, engine.mac_method().init(spec, xp=xp), x, attn=attn, **kw)
+    smac = engine.mac_method(diagonal=True)
+    st = smac.init(spec, xp=xp, dtype=xp.float64)
+    assert smac.keys(spec, st) == ("mean", "diag")
+    g = asarray(xp, np.arange(24.0).reshape(2, 3, 4))
+    assert_close(smac.grad_statistics(spec, st, g)["diag"].value,
+                 (np.arange(24.0).reshape(6, 4) ** 2).mean(0), rtol=1e-12, atol=0)
+    fused = mc.LayerSpec(mc.LayerKind.LINEAR, 3, 6, True, qkv=mc.QkvSpec(num_heads=2), name="qkv")
+    assert smac.keys(fused, smac.init(fused, xp=xp, dtype=xp.float64)) == ("mean",)
+
+
 def test_conv_statistics_match_im2col(xp):
     rng = np.random.default_rng(9)
     spec = mc.LayerSpec(mc.LayerKind.CONV2D, 2 * 3 * 3, 4, True,
