@@ -155,7 +155,7 @@ OPTIMIZERS = ("SGD", "MAC", "MAC-plain", "KFAC", "KFAC@5/50", "SINGD")
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer | None:
     """The optimizer ``name`` with library defaults (curvature schedules included); ``None`` when
     the adapter does not provide it. ``KFAC@5/50``: KFAC on MAC's schedule (t_cov=5, t_inv=50)."""
-    attention = model.attention() if isinstance(model, ViT) else None
+    attention = model.attention() if isinstance(model, (ViT, _Declares)) else None
     common = dict(lr=LR, momentum=0.9, weight_decay=5e-4)
     if name == "SGD":
         return torch.optim.SGD(model.parameters(), **common)
@@ -391,16 +391,23 @@ def _optimizer_bound_mlp(repeats: int, quick: bool) -> list[Result]:
                              nn.Linear(width, 10))
 
     tr = {o: Trainer(make, o, x, y, 64) for o in ("SGD", "MAC", "MAC-plain")}
-    times = interleaved_blocks(tr, rounds=repeats)
-    name = f"torch-cpu MLP 1024-{width}-{width}-10 b64"
+    return _mac_rows(f"torch-cpu MLP 1024-{width}-{width}-10 b64", interleaved_blocks(tr, rounds=repeats), 1.15)
+
+
+def _mac_rows(name: str, times: dict[str, list[float]], target: float, note: str = "") -> list[Result]:
+    """MAC / SGD (``target``) and MAC's fast paths / plain path from interleaved block times."""
     sgd_ms = statistics.median(times["SGD"]) / BLOCK * 1e3
     mac_ms = statistics.median(times["MAC"]) / BLOCK * 1e3
     return [
-        Result(f"{name}: MAC step", "SGD(momentum) step", 1.15,
+        Result(f"{name}: MAC step", "SGD(momentum) step", target,
                [m / s for m, s in zip(times["MAC"], times["SGD"])],
-               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {BLOCK} steps"),
+               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {BLOCK} steps{note}"),
         _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])]),
     ]
+
+
+class _Declares:
+    """A benchmark model that declares its attention for MAC (``attention()``)."""
 
 
 def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
@@ -420,7 +427,7 @@ def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, attn_implementation="eager")
 
-    class Decoder(nn.Module):  # logits [B·T, V] for the trainers' cross-entropy on next tokens
+    class Decoder(nn.Module, _Declares):  # logits [B·T, V] for the trainers' cross-entropy on next tokens
         def __init__(self) -> None:
             super().__init__()
             self.lm = tr.LlamaForCausalLM(cfg)
@@ -428,28 +435,17 @@ def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
             return self.lm(input_ids=ids).logits[:, :-1].reshape(-1, cfg.vocab_size)
 
+        def attention(self) -> str:
+            return "auto"
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (160, 64), generator=g)
     tokens = ids[:, 1:]
 
-    class Seq(Trainer):
-        def __init__(self, opt_name: str) -> None:
-            super().__init__(Decoder, "SGD", ids, tokens, 16)  # the optimizer is replaced below
-            if opt_name != "SGD":
-                self.opt = maccore_torch.MAC(self.model, attention="auto", lr=LR, momentum=0.9, weight_decay=5e-4)
-            self.plain = opt_name.endswith("-plain")
-            self.batches = [(x, y.reshape(-1)) for x, y in self.batches]
-
-    tr_ = {o: Seq(o) for o in ("SGD", "MAC", "MAC-plain")}
-    times = interleaved_blocks(tr_, rounds=repeats)
-    sgd_ms = statistics.median(times["SGD"]) / BLOCK * 1e3
-    mac_ms = statistics.median(times["MAC"]) / BLOCK * 1e3
-    return [
-        Result(f"{name}: MAC step", "SGD(momentum) step", 1.10,
-               [m / s for m, s in zip(times["MAC"], times["SGD"])],
-               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; attention=\"auto\""),
-        _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])]),
-    ]
+    tr_ = {o: Trainer(Decoder, o, ids, tokens, 16) for o in ("SGD", "MAC", "MAC-plain")}
+    for t in tr_.values():  # next-token targets flattened like the logits
+        t.batches = [(x, y.reshape(-1)) for x, y in t.batches]
+    return _mac_rows(name, interleaved_blocks(tr_, rounds=repeats), 1.10, '; attention="auto"')
 
 
 def _layer_scaling(x, y, repeats: int, quick: bool) -> list[Result]:

@@ -93,6 +93,18 @@ def _take_sown(mha, name: str, keep: bool) -> Any:
 
 
 @contextlib.contextmanager
+def _swapped(originals, wrap):
+    """Each class's ``__call__`` replaced by ``wrap(original)`` while the block runs."""
+    try:
+        for cls, orig in originals.items():
+            cls.__call__ = wrap(orig)
+        yield
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+
+
+@contextlib.contextmanager
 def _attention_tapped(model, rec):
     """Call every ``nnx.MultiHeadAttention`` with ``sow_weights=True`` and record the sown
     probabilities for its ``value`` projection (the module is left as it was)."""
@@ -122,13 +134,8 @@ def _attention_tapped(model, rec):
 
         return __call__
 
-    try:
-        for cls, orig in originals.items():
-            cls.__call__ = wrap(orig)
+    with _swapped(originals, wrap):
         yield
-    finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
 
 
 @contextlib.contextmanager
@@ -154,13 +161,8 @@ def _tapped(model, layer_types, rec):
 
         return __call__
 
-    try:
-        for cls, orig in originals.items():
-            cls.__call__ = wrap(orig)
+    with _swapped(originals, wrap):
         yield
-    finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
 
 
 def _run(model, args, kwargs, perturbations, layer_types, attention=False):

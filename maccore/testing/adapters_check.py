@@ -239,6 +239,20 @@ def _torch_model(model: str, data: dict):
     return nn.Sequential(m["0"], nn.Tanh(), Pool(), m["3"])
 
 
+def _every_step(method: str, cfg: dict, summed: bool) -> dict:
+    """``cfg`` plus statistics and refresh on every step, and the loss convention (summed or
+    batch-mean) for the methods that take one: the same keywords for both adapters."""
+    kw = dict(cfg)
+    loss_average = None if summed else "batch"
+    if method == "singd":
+        kw.update(T=1, loss_average=loss_average)
+    else:
+        kw.update(t_cov=1, t_inv=1)
+        if method == "kfac":
+            kw["loss_average"] = loss_average
+    return kw
+
+
 def _torch_check(pre_cls: Any, check: str, method: str, cfg: dict, model: str) -> AdapterResult:
     import torch
     from torch import nn
@@ -246,14 +260,7 @@ def _torch_check(pre_cls: Any, check: str, method: str, cfg: dict, model: str) -
     _, _, _, layers, summed = _MODELS[model]
     data = _data(model)
     net = _torch_model(model, data)
-    loss_average = None if summed else "batch"
-    kw = dict(cfg)
-    if method == "singd":
-        kw.update(T=1, loss_average=loss_average)
-    else:
-        kw.update(t_cov=1, t_inv=1)
-        if method == "kfac":
-            kw["loss_average"] = loss_average
+    kw = _every_step(method, cfg, summed)
     pre = pre_cls(net, on_nonfinite=None, **kw)
     modules = dict(net.named_modules())
     xs, gs, handles = {}, {}, []
@@ -280,7 +287,7 @@ def _torch_check(pre_cls: Any, check: str, method: str, cfg: dict, model: str) -
         remove = getattr(pre, "remove_hooks", None)
         if callable(remove):
             remove()
-    desired = _expected(method, cfg, model, xs, gs, gw, gb, loss_average)
+    desired = _expected(method, cfg, model, xs, gs, gw, gb, None if summed else "batch")
     return _compare("torch", check, model, actual, desired, (gw, gb))
 
 
@@ -386,14 +393,7 @@ def _jax_check(mj: Any, check: str, method: str, cfg: dict, model: str, problems
         problems[model] = _jax_problem(model)
     names, params, grads, acts, gouts = problems[model]
 
-    loss_average = None if summed else "batch"
-    kw = dict(cfg)
-    if method == "singd":
-        kw.update(T=1, loss_average=loss_average)
-    else:
-        kw.update(t_cov=1, t_inv=1)
-        if method == "kfac":
-            kw["loss_average"] = loss_average
+    kw = _every_step(method, cfg, summed)
     decl = {names[lay.name]: mj.Conv(padding=lay.padding, stride=lay.stride)
             for lay in layers if lay.kind == "conv"}
     scale_by = {"mac": mj.scale_by_mac, "kfac": mj.scale_by_kfac, "singd": mj.scale_by_singd}[method]
@@ -417,7 +417,7 @@ def _jax_check(mj: Any, check: str, method: str, cfg: dict, model: str, problems
     actual = {lay.name: (oihw(upd[names[lay.name]]["kernel"], lay),
                          np.asarray(upd[names[lay.name]]["bias"]) if lay.bias else None)
               for lay in layers}
-    desired = _expected(method, cfg, model, xs, gs, gw, gb, loss_average)
+    desired = _expected(method, cfg, model, xs, gs, gw, gb, None if summed else "batch")
     return _compare("jax", check, model, actual, desired, (gw, gb))
 
 
