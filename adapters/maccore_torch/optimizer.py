@@ -31,6 +31,50 @@ def _foreach_copy(dst: list, src: list) -> None:
         torch._foreach_copy_(dst, src)
 
 
+# Tensors with fewer elements are concatenated per device and dtype for one reduction (the
+# per-call overhead of a reduction outweighs copying them); larger ones are reduced in place.
+_SMALL = 1 << 16
+
+
+def _max_abs(tensors: list) -> dict | None:
+    """``{(device, dtype): max |x|}`` over ``tensors`` (NaN where one holds a NaN, ``inf`` where
+    one holds an Inf), read-only (``torch.aminmax``), one host sync. ``None`` where a tensor
+    cannot be reduced this way."""
+    groups: dict[tuple, list] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    out = {}
+    try:
+        for key, ts in groups.items():
+            small = [t.reshape(-1) for t in ts if t.numel() < _SMALL]
+            parts = [t for t in ts if t.numel() >= _SMALL]
+            if small:
+                parts.append(torch.cat(small) if len(small) > 1 else small[0])
+            ext = [v for t in parts if t.numel() for v in torch.aminmax(t)]
+            if ext:
+                out[key] = torch.stack(ext).abs().amax().float()
+        if len(out) == 1:
+            (key, v), = out.items()
+            return {key: v.item()}
+        vals = torch.stack([v.to("cpu") for v in out.values()]).tolist() if out else []
+    except (NotImplementedError, RuntimeError, TypeError):  # a device / dtype without the kernel
+        return None
+    return dict(zip(out, vals))
+
+
+def _growth(group: Mapping) -> float:
+    """A bound on |every value the update of ``group`` computes| / M, where M bounds |ĝ|, |p|
+    and |b| (:meth:`CurvatureOptimizer._bounded_step`): ĝ' = ĝ + wd·p, b' = μb + ĝ',
+    d = ĝ' + μb' (Nesterov), p' = (1 − η·wd)p − ηd, each bounded by the triangle inequality."""
+    lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+    coupled = group["weight_decay_mode"] == "coupled"
+    gp = 1.0 + (wd if coupled else 0.0)
+    nbuf = mu + gp
+    d = gp + mu * nbuf if group["nesterov"] else nbuf
+    keep = 1.0 if coupled else max(1.0, abs(1.0 - lr * wd))
+    return max(gp, nbuf, d, keep + lr * d)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` = a :class:`maccore_torch.HookedPreconditioner` + momentum and weight decay.
 
@@ -106,6 +150,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 self._update_group(group)
             return loss
+        if self._bounded_step(pending.checked(grads=False)):
+            pre._commit(pending)
+            for group in self.param_groups:
+                self._update_group(group)
+            return loss
         plans = [self._plan_group(group) for group in self.param_groups]
         # finite new values imply finite momenta and preconditioned gradients (p - lr·b with a
         # non-finite b is non-finite, also at lr = 0): the states and the new values suffice
@@ -131,6 +180,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if olds:
                 _foreach_copy(olds, news)
         return loss
+
+    def _bounded_step(self, states: list) -> bool:
+        """Whether the in-place update (:meth:`_update_group`) is certain to write finite values:
+        every preconditioned gradient ĝ, parameter, momentum buffer and new state is finite and the
+        update cannot overflow. Decided from M, the largest magnitude among those tensors (per
+        device and dtype; read-only reductions, one host sync, nothing written): every value the
+        update computes is bounded by its arithmetic applied to M (``_growth``) and must stay
+        below 1/16 of the dtype's largest value. ``False`` (M not finite, the bound too large, a
+        sharded or sparse gradient): the caller takes the out-of-place path, which decides
+        exactly. This reads each tensor once instead of writing the new values out of place and
+        copying them back (docs/benchmarks.md)."""
+        tensors = [t for t in states if t is not None and t.is_floating_point()]
+        growth: dict[tuple, float] = {}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            factor = _growth(group)
+            for p in ps:
+                g = p.grad
+                if (g.is_sparse or g.requires_grad or distributed.is_sharded(p)
+                        or distributed.is_sharded(g) or not p.is_floating_point()):
+                    return False
+                b = self.state[p].get("momentum_buffer") if p in self.state else None
+                tensors += [g, p] + ([] if b is None else [b])
+                key = (p.device, p.dtype)
+                growth[key] = max(growth.get(key, 1.0), factor)
+        mags = _max_abs(tensors)
+        if mags is None:
+            return False
+        for (device, dtype), m in mags.items():
+            limit = torch.finfo(dtype).max / 16
+            if not m * growth.get((device, dtype), 1.0) < limit:  # (NaN compares False)
+                return False
+        return True
 
     def _drop_reset_momenta(self) -> None:
         """Layers the preconditioner re-initialised (``reset_after``) restart their momenta too."""

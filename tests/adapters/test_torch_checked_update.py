@@ -1,0 +1,187 @@
+"""The checked optimizer step of the torch adapter (``on_nonfinite="skip"``/``"raise"``) writes the
+momentum update in place when a magnitude bound proves it finite, and otherwise decides out of
+place. Both paths must give the step of ``on_nonfinite=None`` bit for bit, and a step whose update
+would overflow must be skipped exactly (parameters, momenta, curvature state, counters unchanged).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+pytest.importorskip("torch")
+
+from tests.adapters import torch_helpers  # noqa: E402,F401  (adapter import path)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import maccore  # noqa: E402
+import maccore_torch as mt  # noqa: E402
+from maccore_torch import optimizer as opt_mod  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 300), nn.Tanh(), nn.Linear(300, 400), nn.Tanh(),
+                         nn.Linear(400, 3)).to(dtype)
+
+
+def _state(opt):
+    pre = opt.preconditioner
+    layers = {l.name: (maccore.checkpoint.flatten_state(l.state)[0], l.updates) for l in pre.layers}
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    moms = [opt.state[p].get("momentum_buffer") for g in opt.param_groups for p in g["params"]]
+    return pre.t, layers, params, [None if m is None else m.clone() for m in moms]
+
+
+def _equal(a, b):
+    assert a[0] == b[0]
+    for name in a[1]:
+        assert a[1][name][1] == b[1][name][1]
+        for k, v in a[1][name][0].items():
+            assert torch.equal(v, b[1][name][0][k]), f"{name}/{k}"
+    for x, y in zip(a[2] + a[3], b[2] + b[3]):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:  # equal bit for bit (NaN where the other has NaN)
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+def _groups(model, kw):
+    """Two param groups (the last layer in its own, with its own hyper-parameters)."""
+    *rest, last = list(model.parameters())[:-2], list(model.parameters())[-2:]
+    return [{"params": rest[0]}, {"params": last, "lr": kw["lr"] / 2, "momentum": 0.5}]
+
+
+@pytest.mark.parametrize("method", ["MAC", "SMAC", "KFAC", "SINGD"])
+@pytest.mark.parametrize("variant", ["coupled", "decoupled", "nesterov", "groups"])
+def test_checked_step_equals_unchecked_step_bit_for_bit(method, variant):
+    """``"skip"`` (in place after the bound, or out of place) == ``None`` (no checks), 7 steps
+    across the statistics and refresh periods, for every update rule."""
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    rule = {"decoupled": {"weight_decay_mode": "decoupled"},
+            "nesterov": {"nesterov": True}}.get(variant, {})  # per param group (SINGD's too)
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    runs = []
+    for checked, bounded in ((None, True), ("skip", True), ("skip", False)):
+        model = _model()
+        params = (_groups(model, kw) if variant == "groups"
+                  else [{"params": list(model.parameters()), **rule}])
+        make = {"MAC": lambda: mt.MAC(model, params=params, t_cov=2, t_inv=3, **kw),
+                "SMAC": lambda: mt.MAC(model, params=params, diagonal=True, t_cov=2, t_inv=3, **kw),
+                "KFAC": lambda: mt.KFAC(model, params=params, t_cov=2, t_inv=3, **kw),
+                "SINGD": lambda: mt.SINGD(model, params=params, T=2, **kw)}[method]
+        opt = make()
+        opt.preconditioner.on_nonfinite = checked
+        taken = []
+        if not bounded:  # force the out-of-place path
+            opt._bounded_step = lambda states: False
+        for _ in range(7):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if bounded and checked is not None:
+                assert opt._bounded_step([]), "the bound should hold for an ordinary step"
+            opt.step()
+            taken.append(opt.t)
+        assert taken == list(range(1, 8))
+        runs.append(_state(opt))
+    _equal(runs[0], runs[1])
+    _equal(runs[0], runs[2])
+
+
+def _hand_step(model, opt, grads):
+    """One step with gradients set by hand (no forward: no statistics)."""
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = opt.t
+        opt.step()
+    return opt.t == t + 1, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_an_overflowing_update_is_skipped_exactly(dtype):
+    """Finite gradients, parameters and momenta whose update overflows (p − ηĝ beyond the dtype's
+    range): the bound fails, the out-of-place path finds the overflow and skips exactly."""
+    model = _model(dtype=dtype)
+    opt = mt.MAC(model, lr=1.0, momentum=0.0, weight_decay=0.0, t_cov=100, t_inv=100)
+    big = torch.finfo(dtype).max
+    with torch.no_grad():
+        model[0].weight[0, 0] = big * 0.75
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    grads[0][0, 0] = -big * 0.75  # â = 0 before any statistics: ĝ = G (finite), p − ĝ = 1.5·max
+    before = _state(opt)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    assert not opt._bounded_step([])
+    ok, msgs = _hand_step(model, opt, grads)
+    assert not ok and any("non-finite preconditioner or update" in m for m in msgs), msgs
+    _equal(_state(opt), before)
+    # the same magnitudes with an update that stays in range: taken, by the out-of-place path
+    grads[0][0, 0] = big * 0.5
+    ok, msgs = _hand_step(model, opt, grads)
+    assert ok and not msgs
+    assert model[0].weight[0, 0].item() == pytest.approx(float(big) * 0.25, rel=1e-2)
+
+
+@pytest.mark.parametrize("bad", ["nan_param", "inf_momentum", "nan_grad_unpreconditioned"])
+def test_non_finite_parameters_or_momenta_fail_the_bound(bad):
+    """A non-finite parameter, momentum buffer or raw gradient of a parameter outside the
+    preconditioned layers makes the bound fail (M is NaN/Inf): the step is decided exactly."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    opt = mt.MAC(model, lr=0.1)
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    norm = model[1]
+    with torch.no_grad():
+        if bad == "nan_param":
+            norm.weight[0] = float("nan")
+        elif bad == "inf_momentum":
+            opt.state[norm.weight]["momentum_buffer"][1] = float("inf")
+        else:
+            norm.bias.grad[0] = float("nan")
+    assert not opt._bounded_step([])
+    before = _state(opt)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    _equal(_state(opt), before)
+
+
+def test_growth_bounds_every_intermediate():
+    """``_growth`` bounds |ĝ'|, |b'|, |d| and |p'| relative to M for each rule (worked values)."""
+    base = dict(lr=0.1, momentum=0.9, weight_decay=0.5, nesterov=False, weight_decay_mode="coupled")
+    # coupled: ĝ' ≤ 1.5M, b' ≤ 0.9M + 1.5M = 2.4M, p' ≤ M + 0.1·2.4M = 1.24M  -> 2.4
+    assert opt_mod._growth(base) == pytest.approx(2.4)
+    # nesterov: d ≤ 1.5 + 0.9·2.4 = 3.66; p' ≤ 1 + 0.366 -> 3.66
+    assert opt_mod._growth({**base, "nesterov": True}) == pytest.approx(3.66)
+    # a large learning rate: p' ≤ M + 10·2.4M = 25M
+    assert opt_mod._growth({**base, "lr": 10.0}) == pytest.approx(25.0)
+    # decoupled: ĝ' = ĝ, b' ≤ 1.9M; |1 − 10·0.5| = 4 -> p' ≤ 4M + 10·1.9M = 23M
+    assert opt_mod._growth({**base, "lr": 10.0, "weight_decay_mode": "decoupled"}) == pytest.approx(23.0)
+
+
+def test_max_abs_groups_small_and_large_tensors():
+    """``_max_abs``: the exact largest magnitude per dtype, small tensors pooled, large ones
+    reduced alone; NaN and Inf reported."""
+    small = [torch.tensor([1.0, -3.0]), torch.tensor([2.5])]
+    large = torch.zeros(opt_mod._SMALL + 1)
+    large[7] = -4.5
+    d64 = torch.tensor([-7.0], dtype=torch.float64)
+    got = opt_mod._max_abs(small + [large, d64, torch.zeros(0)])
+    assert opt_mod._max_abs([torch.zeros(0)]) == {}
+    assert got == {(torch.device("cpu"), torch.float32): 4.5, (torch.device("cpu"), torch.float64): 7.0}
+    large[3] = float("nan")
+    assert opt_mod._max_abs([large] + small)[(torch.device("cpu"), torch.float32)] != \
+        opt_mod._max_abs([large] + small)[(torch.device("cpu"), torch.float32)]  # NaN
+    small[0][0] = float("-inf")
+    assert opt_mod._max_abs(small)[(torch.device("cpu"), torch.float32)] == float("inf")
