@@ -48,7 +48,7 @@ from maccore.mac import (
     attention_weighted_mean,
     gradient_diagonal,
     mac,
-    mac_apply,
+    mac_apply_trusted,
     mean_activation,
 )
 from maccore.rows import (
@@ -378,8 +378,8 @@ def apply_split(method: CurvatureMethod, spec: LayerSpec, state: Any, grad_weigh
         out = None
         if inplace and _delegate.shares_memory(xp, w2, grad_weight):
             out = w2 if grad_bias is None else (w2, grad_bias)  # written in place by the kernel
-        res = mac_apply(w2, state.mean_hat, cfg["damping"], grad_diag=state.diag_hat,
-                        scale=cfg["scale"], grad_bias=grad_bias, out=out)
+        res = mac_apply_trusted(w2, state.mean_hat, cfg["damping"], state.diag_hat,
+                                cfg["scale"], grad_bias, out)
         w, b = (res, None) if grad_bias is None else res
         if out is not None:
             return grad_weight, grad_bias

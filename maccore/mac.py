@@ -288,6 +288,50 @@ def mac_apply(
     outs = _check_out(out, grad_mat, grad_bias, where)
     sdt = xp.float64 if xp.float64 in (mean.dtype, grad_mat.dtype) else xp.float32
     check_damping_range(xp, damping, sdt, "damping", where)
+    return _mac_apply_checked(xp, grad_mat, mean, damping, grad_diag, scale, grad_bias, outs, sdt)
+
+
+def mac_apply_trusted(grad_mat: Array, mean: Array, damping: Any, grad_diag: Array | None,
+                      scale: str, grad_bias: Array | None, out: Any) -> Any:
+    """:func:`mac_apply` for the engine, whose states and hyper-parameters are valid by
+    construction: only what a caller's gradients can get wrong is checked here (one namespace
+    and device, float32/float64 operands, shapes matching the state); anything else — including every
+    error — goes through :func:`mac_apply`, which checks everything and names the problem.
+    ``out`` as in :func:`mac_apply`. Saves the per-call validation of a training step's
+    layers (docs/benchmarks.md)."""
+    xp = namespace(grad_mat=grad_mat, mean=mean, grad_diag=grad_diag, grad_bias=grad_bias,
+                   where="mac_apply", optional=("grad_diag", "grad_bias"))
+    f32, f64 = xp.float32, xp.float64
+    dts = (f32, f64)
+    d_out = grad_mat.shape[0] if grad_mat.ndim == 2 else -1
+    pair = out if grad_bias is not None else (out, None)
+    ok = (grad_mat.ndim == 2 and grad_mat.dtype in dts and mean.dtype in dts
+          and mean.shape[-1] == grad_mat.shape[1] + (grad_bias is not None)
+          and (mean.ndim == 1 or (mean.ndim == 2 and mean.shape[0] and d_out % mean.shape[0] == 0))
+          and (grad_bias is None or (grad_bias.dtype in dts and tuple(grad_bias.shape) == (d_out,)))
+          and (grad_diag is None or (grad_diag.dtype in dts and tuple(grad_diag.shape) == (d_out,)))
+          and (out is None or (isinstance(pair, tuple) and len(pair) == 2 and pair[0] is grad_mat
+                               and pair[1] is grad_bias)))
+    sdt = f64 if f64 in (mean.dtype, grad_mat.dtype) else f32
+    if not ok or not _damping_ok(xp, damping, sdt):
+        return mac_apply(grad_mat, mean, damping, grad_diag=grad_diag, scale=scale,
+                         grad_bias=grad_bias, out=out)
+    return _mac_apply_checked(xp, grad_mat, mean, damping, grad_diag, scale, grad_bias,
+                              None if out is None else pair, sdt)
+
+
+def _damping_ok(xp: Any, damping: Any, sdt: Any) -> bool:
+    """A number λ > 0 that is normal in ``sdt`` (else :func:`mac_apply` raises the error)."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        return False
+    return damping >= float(xp.finfo(sdt).smallest_normal) and math.isfinite(damping)
+
+
+def _mac_apply_checked(xp: Any, grad_mat: Array, mean: Array, damping: Any,
+                       grad_diag: Array | None, scale: str, grad_bias: Array | None, outs: Any,
+                       sdt: Any) -> Any:
+    """The computation of :func:`mac_apply` on checked arguments (``outs``: a pair or ``None``;
+    ``sdt``: the statistics dtype)."""
     a, inv = _delegate.memo_factor(xp, mean, damping, sdt, lambda: _mac_factor(xp, mean, damping, sdt))
     # rows scaled from the left: 1/λ (inverse scale) and diag(1/(ẑ + λ)) (SMAC)
     row_scale = None if scale == "reference" else 1.0 / damping
