@@ -175,12 +175,23 @@ class Trainer:
     """A model, its optimizer and pre-built batches; ``block()`` runs ``BLOCK`` training steps."""
 
     def __init__(self, make_model: Callable[[], nn.Module], opt_name: str, x: torch.Tensor,
-                 y: torch.Tensor, batch: int, seed: int = 0):
+                 y: torch.Tensor, batch: int, seed: int = 0, device: str | torch.device = "cpu",
+                 compiled: bool = False):
         torch.manual_seed(seed)
-        self.model = make_model()
-        self.opt = make_optimizer(opt_name, self.model)
+        # ``device``: the model (built on the CPU from the same seed) and the batches move there
+        # before the optimizer is made; on CUDA every timed step is synchronised at both ends
+        self.device = torch.device(device)
+        on_cpu = self.device.type == "cpu"
+        self.model = make_model() if on_cpu else make_model().to(self.device)
+        self.opt = make_optimizer(opt_name.removesuffix("-compiled"), self.model)
+        # ``compiled``: forwards through ``torch.compile(model)``, created after the optimizer (its
+        # hooks are in place before the first compiled forward); the optimizer step stays eager
+        self.forward = torch.compile(self.model) if compiled else self.model
         n = (x.shape[0] // batch) * batch
         self.batches = [(x[i:i + batch].contiguous(), y[i:i + batch].contiguous()) for i in range(0, n, batch)]
+        if not on_cpu:
+            self.batches = [(xb.to(self.device), yb.to(self.device)) for xb, yb in self.batches]
+        self._sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
         self.k = 0
         self.plain = opt_name.endswith("-plain")
 
@@ -202,9 +213,11 @@ class Trainer:
         """One training step; returns its wall time in seconds."""
         xb, yb = self.batches[self.k % len(self.batches)]
         self.k += 1
+        if self._sync is not None:  # the device's queued work is not this step's
+            self._sync()
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(xb), yb).backward()
+        F.cross_entropy(self.forward(xb), yb).backward()
         if self.plain:
             _delegate.FAST_PATHS = False
             try:
@@ -213,6 +226,8 @@ class Trainer:
                 _delegate.FAST_PATHS = True
         else:
             self.opt.step()
+        if self._sync is not None:  # the step's kernels have finished
+            self._sync()
         return time.perf_counter() - t0
 
 
@@ -472,6 +487,43 @@ def _layer_scaling(x, y, repeats: int, quick: bool) -> list[Result]:
     ]
 
 
+def _compiled_rows(x, y, repeats: int) -> list[Result]:
+    """The digits CNN with ``torch.compile(model)`` (inductor; the optimizers' steps stay eager):
+    MAC / SGD when both models are compiled, and MAC's step with the compiled model / the eager
+    one. ``n/a`` where inductor cannot compile (no C++ compiler)."""
+    name = f"torch-cpu CNN digits b{BATCH}, torch.compile(model)"
+    try:
+        probe = torch.compile(nn.Linear(2, 2))
+        probe(torch.zeros(1, 2))
+    except Exception as exc:  # no compiler / unsupported platform
+        why = f"torch.compile unavailable: {type(exc).__name__}"
+        return [Result(f"{name}: MAC step", "SGD(momentum) step, compiled", 1.10, [math.nan], note=why),
+                Result(f"{name}: MAC step", "MAC step, eager model", None, [math.nan], note=why),
+                Result(f"{name}: SGD step", "SGD step, eager model", None, [math.nan], note=why)]
+    # the SGD and MAC models are instances of one class: dynamo does not guard on module hooks by
+    # default, so the graph compiled for the hook-less SGD model would be reused for MAC's and
+    # its statistics never collected (MAC warns at its first step); guard on hooks here
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    tr = {"SGD": Trainer(CNN, "SGD", x, y, BATCH, compiled=True),
+          "MAC": Trainer(CNN, "MAC", x, y, BATCH, compiled=True),
+          "MAC-eager": Trainer(CNN, "MAC", x, y, BATCH),
+          "SGD-eager": Trainer(CNN, "SGD", x, y, BATCH)}
+    times = interleaved_blocks(tr, rounds=repeats)
+    ms = {k: statistics.median(v) / BLOCK * 1e3 for k, v in times.items()}
+    return [
+        Result(f"{name}: MAC step", "SGD(momentum) step, compiled", 1.10,
+               [m / s for m, s in zip(times["MAC"], times["SGD"])],
+               note=f"median SGD {ms['SGD']:.2f} ms/step, MAC {ms['MAC']:.2f} ms/step (compiled "
+                    f"forward + backward, eager optimizer step)"),
+        Result(f"{name}: MAC step", "MAC step, eager model", None,
+               [m / e for m, e in zip(times["MAC"], times["MAC-eager"])],
+               note=f"median eager {ms['MAC-eager']:.2f} ms/step"),
+        Result(f"{name}: SGD step", "SGD step, eager model", None,
+               [m / e for m, e in zip(times["SGD"], times["SGD-eager"])],
+               note=f"median eager {ms['SGD-eager']:.2f} ms/step"),
+    ]
+
+
 def run(repeats: int, quick: bool) -> list[Result]:
     torch.set_flush_denormal(True)
     print(f"training benchmarks: torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), "
@@ -486,6 +538,7 @@ def run(repeats: int, quick: bool) -> list[Result]:
     out += _optimizer_bound_mlp(reps, quick)
     out += _llama_decoder(reps, quick)
     out += _layer_scaling(x, y, reps, quick)
+    out += _compiled_rows(x, y, reps)
     if source != "sklearn digits":
         for r in out:
             r.note = (r.note + "; " if r.note else "") + "random data (scikit-learn missing)"

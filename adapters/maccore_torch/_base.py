@@ -689,8 +689,11 @@ class HookedPreconditioner:
             "hooks ran although its layers have gradients. If the model was run through "
             "torch.compile before this optimizer was created, the compiled graph does not call "
             "hooks attached later: create the optimizer before the first compiled forward, or "
-            "call torch.compiler.reset() after creating it (docs/models/torch.md, 'Training "
-            "loops')", RuntimeWarning, stacklevel=_user_stacklevel())
+            "call torch.compiler.reset() after creating it. The same happens when another "
+            "instance of the model's class (one without these hooks) was compiled first: dynamo "
+            "reuses its graph because by default it does not guard on module hooks; set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling "
+            "(docs/models/torch.md, 'Training loops')", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(_NO_PICKLE.format(cls=type(self).__name__))
