@@ -249,6 +249,34 @@ def test_model_compiled_before_the_optimizer_warns_then_reset_fixes_it(fresh_dyn
     assert _updates(opt) == [1, 1]
 
 
+@pytest.mark.slow
+def test_hookless_instance_of_the_class_compiled_first_warns_and_hook_guards_fix_it(fresh_dynamo):
+    """Another instance of the model's class, without hooks (a baseline / teacher), compiled and
+    run first: dynamo reuses its graph for the hooked model (no guard on module hooks by default),
+    so the collecting step warns instead of silently folding nothing; with
+    ``skip_nnmodule_hook_guards = False`` each instance gets its own graph and statistics."""
+    other = _cnn(seed=1)
+    data = _batches(other)
+    torch.compile(other, backend="aot_eager")(data[0][0]).sum().backward()
+    model = _cnn()
+    opt = _make("MAC", model)
+    with pytest.warns(RuntimeWarning, match="skip_nnmodule_hook_guards = False"):
+        _train(torch.compile(model, backend="aot_eager"), opt, data[:1])
+    assert _updates(opt) == [0, 0]
+    torch.compiler.reset()
+    old = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    try:
+        other2 = _cnn(seed=1)
+        torch.compile(other2, backend="aot_eager")(data[0][0]).sum().backward()
+        model2 = _cnn()
+        opt2 = _make("MAC", model2)
+        _train(torch.compile(model2, backend="aot_eager"), opt2, data[:3])  # t = 0, 1, 2
+        assert _updates(opt2) == [2, 2]
+    finally:
+        torch._dynamo.config.skip_nnmodule_hook_guards = old
+
+
 # ---------------------------------------------------------------------------------- model copies
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_deepcopy_of_a_hooked_model_is_inert(name):
