@@ -6,9 +6,9 @@ Each function takes the namespace first and falls back to a standard-only implem
 
 from __future__ import annotations
 
-from typing import Any
-
+import threading
 import weakref
+from typing import Any
 
 import array_api_compat as compat
 
@@ -56,22 +56,32 @@ _CPU_BLAS_MIN = 1 << 18
 # Most torch intra-op threads for which torch CPU tensors take that kernel (see _cpu_blas_ok).
 _CPU_BLAS_MAX_THREADS = 1
 
+# Whether torch CPU tensors take the kernel at more than _CPU_BLAS_MAX_THREADS torch threads too,
+# with the BLAS held to one thread (rank1_rows_blas1; needs threadpoolctl): torch's pool is idle
+# meanwhile, so nothing competes for the cores.
+_CPU_BLAS_ONE_THREAD = True
+
 # Whether :func:`mac_rank1` may take a native path (``False``: every call takes the standard-only
 # path). Only the benchmarks switch it, to time each fast path against the plain path it replaces.
 FAST_PATHS = True
 
 
-def _cpu_blas_ok(g: Array, *vecs: Array | None) -> bool:
+def _cpu_blas_ok(g: Array, *vecs: Array | None, inplace: bool = True) -> bool:
     """Whether torch tensors can share memory with NumPy for :func:`rank1_rows_numpy`: CPU,
     float32/float64 alike, plain tensors (no subclass, no autograd, no inference tensors, not
     traced by ``torch.compile`` or ``torch.func``), a C-contiguous ``g`` with at least
-    ``_CPU_BLAS_MIN`` elements, SciPy's BLAS present, and torch running one intra-op thread: with
-    more, OpenBLAS's thread pool and torch's compete for the same cores and the route loses to
-    torch's own ``mv`` + ``addr`` (measured in ``benchmarks/``: a MAC step 3.7× SGD's at the
-    default two threads of a 2-core machine with the route, 1.4× without it)."""
+    ``_CPU_BLAS_MIN`` elements, SciPy's BLAS present, and either torch running one intra-op
+    thread or, for an in-place update (the adapters' case), threadpoolctl at hand to hold the
+    BLAS at one thread during the kernel (:func:`rank1_rows_blas1`; out of place, torch's kernels
+    at two threads were as fast or faster on the benchmark machine). A BLAS running its own thread pool beside torch's loses to
+    torch's ``mv`` + ``addr`` (measured in ``benchmarks/``: a MAC step 3.7× SGD's at the default
+    two threads of a 2-core machine with the route, 1.4× without it)."""
     import torch
 
-    if (g.numel() < _CPU_BLAS_MIN or torch.get_num_threads() > _CPU_BLAS_MAX_THREADS
+    threads = torch.get_num_threads()
+    if (g.numel() < _CPU_BLAS_MIN
+            or (threads > _CPU_BLAS_MAX_THREADS
+                and not (inplace and _CPU_BLAS_ONE_THREAD and _blas_controller()))
             or g.device.type != "cpu"
             or g.dtype not in (torch.float32, torch.float64)
             or g.ndim != 2 or not g.is_contiguous() or _blas_ger(_np_dtype(g)) is None
@@ -141,6 +151,48 @@ def rank1_rows_numpy(g: Array, a: Array, coef: Array, out: Array, *, gb: Array |
             np.subtract(g[start:stop], t, out=o)
     if gb is not None:
         np.subtract(gb, v_all * cb, out=gb_out)
+
+
+_BLAS_CTL: Any = None  # threadpoolctl's controller of the BLAS libraries (False: unavailable)
+# One kernel at a time holds the BLAS at one thread: the limit is process-wide, and interleaved
+# limit/restore pairs of concurrent callers could leave the library at one thread.
+_BLAS_LOCK = threading.Lock()
+
+
+def _blas_controller() -> Any:
+    """threadpoolctl's ``ThreadpoolController`` restricted to the BLAS libraries NumPy and SciPy
+    loaded (both are imported first: threadpoolctl sees loaded libraries only), or ``None``
+    (threadpoolctl not installed, or no BLAS library found)."""
+    global _BLAS_CTL
+    if _BLAS_CTL is None:
+        try:
+            import numpy as np
+            from threadpoolctl import ThreadpoolController
+
+            _blas_ger(np.dtype(np.float32))  # SciPy's BLAS, when present, loaded before the scan
+            ctl = ThreadpoolController().select(user_api="blas")
+            _BLAS_CTL = ctl if ctl.lib_controllers else False
+        except Exception:  # optional: without it the kernel runs at the BLAS's thread count
+            _BLAS_CTL = False
+    return _BLAS_CTL or None
+
+
+def rank1_rows_blas1(g: Array, a: Array, coef: Array, out: Array, **kw: Any) -> None:
+    """:func:`rank1_rows_numpy` with the BLAS libraries held to one thread (``threadpoolctl``;
+    restored afterwards), whatever the thread count they are set to.
+
+    Each block of the kernel is two small BLAS calls (a matvec and a rank-1 update on a block that
+    fits in L2): a threaded BLAS wakes and joins its pool for each and loses to one thread — on
+    the 2-core benchmark machine the kernel at two BLAS threads took 1.6–3.7× a copy, at one
+    thread 0.8–1.5× (docs/benchmarks.md); splitting the rows over threads of our own did not beat
+    one thread either (the kernel is bound by memory bandwidth). Without threadpoolctl the kernel
+    runs as it is."""
+    ctl = _blas_controller()
+    if ctl is None:
+        rank1_rows_numpy(g, a, coef, out, **kw)
+        return
+    with _BLAS_LOCK, ctl.limit(limits=1):
+        rank1_rows_numpy(g, a, coef, out, **kw)
 
 
 def softmax_last(xp: Any, x: Array) -> Array | None:
@@ -213,7 +265,7 @@ def mac_rank1(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array, row_sc
         out = gw if inplace else np.empty_like(gw, order="C")
         bout = None if gb is None else (gb if inplace else np.empty_like(gb))
         with np.errstate(all="ignore"):
-            rank1_rows_numpy(gw, a[:n], a[:n], out, gb=gb,
+            rank1_rows_blas1(gw, a[:n], a[:n], out, gb=gb,
                              ab=0.0 if gb is None else a[n], cb=0.0 if gb is None else a[n],
                              gb_out=bout, scale=np.asarray(inv, dtype=gw.dtype).reshape(()))
             if row_scale is not None:
@@ -310,7 +362,7 @@ def rank1_split_torch_parts(gw: Array, gb: Array | None, aw: Array, ab: Array | 
     vector of size d̃ is kept)."""
     import torch  # only reached when the caller already uses torch
 
-    if aw.ndim == 1 and _cpu_blas_ok(gw, gb, aw, ab, cw, cb, scale):
+    if aw.ndim == 1 and _cpu_blas_ok(gw, gb, aw, ab, cw, cb, scale, inplace=inplace):
         import numpy as np
 
         out = gw if inplace else torch.empty_like(gw, memory_format=torch.contiguous_format)
@@ -318,7 +370,7 @@ def rank1_split_torch_parts(gw: Array, gb: Array | None, aw: Array, ab: Array | 
         g_np = gw.numpy()  # shares memory; one object for g and out when in place
         gb_np = None if gb is None else gb.numpy()
         with np.errstate(all="ignore"):  # torch semantics: inf/nan propagate without warnings
-            rank1_rows_numpy(g_np, aw.numpy(), cw.numpy(), g_np if inplace else out.numpy(),
+            rank1_rows_blas1(g_np, aw.numpy(), cw.numpy(), g_np if inplace else out.numpy(),
                              gb=gb_np, ab=None if ab is None else ab.numpy(),
                              cb=None if cb is None else cb.numpy(),
                              gb_out=None if gb is None else (gb_np if inplace else bout.numpy()),

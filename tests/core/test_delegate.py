@@ -3,9 +3,12 @@ a float64 dense formula, and the torch adapter's in-place step against the gener
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
+import maccore
 from maccore import _delegate
 from tests.conftest import asarray, assert_close, to_numpy, tol
 
@@ -405,6 +408,63 @@ def test_rank1_rows_numpy(dt, chunk, scaled, bias, inplace, blas, monkeypatch):
         assert np.array_equal(g, g0) and (gb is None or np.array_equal(gb, gb0))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rank1_rows_blas1_holds_blas_at_one_thread(inplace, bias, monkeypatch):
+    """The kernel runs with the BLAS libraries at one thread (seen from inside the kernel) and
+    restores their setting; the result is the kernel's, with the bias column, in place or not."""
+    pytest.importorskip("threadpoolctl")
+    ctl = _delegate._blas_controller()
+    if ctl is None:
+        pytest.skip("threadpoolctl finds no BLAS library")
+    seen = []
+    real = _delegate.rank1_rows_numpy
+
+    def spy(*args, **kw):
+        seen.append([lib.num_threads for lib in ctl.lib_controllers])
+        return real(*args, **kw)
+
+    rng = np.random.default_rng(3)
+    m, n = 41, 19
+    g = rng.standard_normal((m, n))
+    gb = rng.standard_normal(m) if bias else None
+    a, c = rng.standard_normal(n), rng.standard_normal(n)
+    kw = dict(ab=0.3, cb=-0.7) if bias else {}
+    want, want_b = np.empty_like(g), None if gb is None else np.empty_like(gb)
+    real(g, a, c, want, gb=gb, gb_out=want_b, scale=np.float64(0.2), **kw)
+    with ctl.limit(limits=2):  # a threaded BLAS, as a user's default would be
+        before = [lib.num_threads for lib in ctl.lib_controllers]
+        g2, gb2 = g.copy(), None if gb is None else gb.copy()
+        out = g2 if inplace else np.empty_like(g)
+        out_b = None if gb is None else (gb2 if inplace else np.empty_like(gb))
+        monkeypatch.setattr(_delegate, "rank1_rows_numpy", spy)
+        _delegate.rank1_rows_blas1(g2, a, c, out, gb=gb2, gb_out=out_b, scale=np.float64(0.2), **kw)
+        assert [lib.num_threads for lib in ctl.lib_controllers] == before
+    assert seen == [[1] * len(before)]
+    assert np.array_equal(out, want)
+    if bias:
+        assert np.array_equal(out_b, want_b)
+    if inplace:
+        assert out is g2 and (out_b is gb2)
+    else:
+        assert np.array_equal(g2, g) and (gb is None or np.array_equal(gb2, gb))
+
+
+def test_mac_apply_numpy_holds_blas_at_one_thread(monkeypatch):
+    """NumPy's mac_apply takes the one-BLAS-thread kernel and equals the standard-only path."""
+    calls = []
+    real = _delegate.rank1_rows_blas1
+    monkeypatch.setattr(_delegate, "rank1_rows_blas1",
+                        lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw))
+    rng = np.random.default_rng(0)
+    g, a = rng.standard_normal((30, 7)), rng.standard_normal(7)
+    got = maccore.mac_apply(g, a, 0.5)
+    monkeypatch.setattr(_delegate, "FAST_PATHS", False)
+    want = maccore.mac_apply(g, a, 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    assert calls == [(30, 7)]
+
+
 def test_l2_bytes_parses_sysfs(tmp_path):
     """The block size follows the L2 size sysfs reports, clamped to [256 KiB, 4 MiB]."""
     f = tmp_path / "size"
@@ -459,19 +519,35 @@ def test_torch_cpu_blas_path_equals_torch_kernels(dt, bias, inplace, monkeypatch
         assert w.dtype == dtype and w.is_contiguous()
 
 
-def test_torch_cpu_blas_path_only_at_one_thread(monkeypatch):
+def test_torch_cpu_blas_path_above_one_thread_only_with_blas_held(monkeypatch):
     """With more torch intra-op threads than ``_CPU_BLAS_MAX_THREADS`` (default one), torch CPU
-    tensors keep torch's kernels: OpenBLAS's thread pool would compete with torch's."""
-    torch, _ = _torch_blas_xp()
+    tensors take the BLAS kernel only in place and with the BLAS held at one thread
+    (threadpoolctl); otherwise they keep torch's kernels — a threaded BLAS would compete with
+    torch's pool. Both routes give the same result."""
+    torch, xp = _torch_blas_xp()
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
-    g, a = torch.randn(8, 6), torch.randn(6)
+    g, a = torch.randn(40, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MAX_THREADS", 1)
     old = torch.get_num_threads()
+    held = _delegate._blas_controller() is not None
+    calls = []
+    real = _delegate.rank1_rows_blas1
+    monkeypatch.setattr(_delegate, "rank1_rows_blas1",
+                        lambda *args, **kw: calls.append(args[0].shape[0]) or real(*args, **kw))
     try:
         torch.set_num_threads(1)
         assert _delegate._cpu_blas_ok(g, None, a)
         torch.set_num_threads(2)
+        assert _delegate._cpu_blas_ok(g, None, a) == held
+        assert not _delegate._cpu_blas_ok(g, None, a, inplace=False)  # out of place: torch's
+        got = g.clone()
+        maccore.mac_apply(got, a, 0.5, out=got)
+        assert calls == ([40] if held else [])
+        assert not torch.equal(maccore.mac_apply(g, a, 0.5), g) and calls == ([40] if held else [])
+        monkeypatch.setattr(_delegate, "_CPU_BLAS_ONE_THREAD", False)
         assert not _delegate._cpu_blas_ok(g, None, a)
+        want = maccore.mac_apply(g, a, 0.5)  # torch's mv + addr
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     finally:
         torch.set_num_threads(old)
 
@@ -522,7 +598,6 @@ def test_torch_cpu_blas_path_only_where_memory_can_be_shared(monkeypatch):
 
 def test_torch_cpu_blas_path_propagates_nonfinite_silently(monkeypatch):
     """inf/nan in the gradient propagate as with torch's kernels, without NumPy warnings."""
-    import warnings
 
     torch, xp = _torch_blas_xp()
     monkeypatch.setattr(_delegate, "_CPU_BLAS_MIN", 0)
