@@ -31,11 +31,19 @@ correction; ``λ`` the damping; ``avgtr(X) = tr(X)/dim``):
   or ``β_K = β / max(1, max|m_K|)`` with ``normalize_lr_cov``.
 
 No step counter lives in the state: the update period ``T`` and any ``lr_cov`` schedule belong to the
-adapter, which passes the current value through ``update(..., lr_cov=...)``. SINGD keeps no separate
+adapter, which passes the current value through ``update(..., lr_cov=...)``. The state holds no
 cache, so ``refresh`` is the identity. Only matrix products, sums and traces are used (no inverse, no
 decomposition), so the factors may be kept in bfloat16 (``preconditioner_dtype``): ``K``, ``m_K``,
 ``H_K`` and the input rows use ``dtype_K``; ``C``, ``m_C``, ``H_C`` and the gradient rows use
 ``dtype_C``; ``apply`` casts its result back to the gradient's dtype.
+
+Dense factors (performance, same maths to round-off): the symmetric products ``KᵀK``, ``Kᵀ A K``,
+``K Kᵀ`` compute their upper blocks only and mirror the lower one (:func:`_sym_mm`); ``H_K`` forms
+``A = aᵀa`` first when the batch has more than ``2 d̃`` rows (``2R d̃²`` → about ``R d̃² + 2 d̃³``); and
+``apply`` multiplies with ``C Cᵀ`` (or ``K Kᵀ``) instead of ``C`` then ``Cᵀ`` where the shapes make that
+no dearer even for one apply (:class:`_OuterCache`: about ``d_out ≤ d̃``), the product kept between
+preconditioner updates while the factor's array is unchanged (torch's version counter), so a new
+or modified factor is never served a stale product and a cached result equals a fresh one.
 
 ``to_dense(state)`` returns the dense **inverse-curvature** approximation that ``apply`` multiplies
 with, ``P = (C Cᵀ) ⊗ (K Kᵀ)`` in row-major ``vec`` (so ``vec_r(apply(G)) = P vec_r(G)``), in at least
@@ -47,6 +55,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from typing import Any, NamedTuple
 
 import array_api_compat as compat
@@ -55,6 +64,7 @@ from maccore import structures as _structures
 from maccore._typing import Preconditioner
 from maccore._xp import check_positive_int, namespace, shape_str
 from maccore.structures import StructureOps, StructureType
+from maccore.structures.dense import Dense
 
 __all__ = ["SingdState", "singd", "singd_statistics", "singd_input_statistics", "singd_grad_statistics"]
 
@@ -157,6 +167,112 @@ def _inv_sqrt(xp: Any, value: Any, dtype: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# dense fast paths (same maths as the structure methods, to round-off)
+
+_SYM_SPLIT = 1024  # split a symmetric product into 2×2 blocks while its side is at least this
+
+
+def _sym_mm(xp: Any, X: Any, Y: Any) -> Any:
+    """``X @ Y`` (``[d, n] @ [n, d]``) for a product that is symmetric in exact arithmetic
+    (``KᵀK``, ``Y Yᵀ``, ``Kᵀ(A K)``): the diagonal blocks (recursively) and the upper off-diagonal
+    block are multiplied, the lower one is its transpose — 3/4 of the multiply-adds per level
+    (5/8 for ``d ≥ 2·_SYM_SPLIT``). Entries equal those of ``X @ Y`` to round-off."""
+    d = int(X.shape[0])
+    if d < _SYM_SPLIT:
+        return X @ Y
+    h = d // 2
+    S11 = _sym_mm(xp, X[:h, :], Y[:, :h])
+    S12 = X[:h, :] @ Y[:, h:]
+    S22 = _sym_mm(xp, X[h:, :], Y[:, h:])
+    top = xp.concat([S11, S12], axis=1)
+    bottom = xp.concat([xp.matrix_transpose(S12), S22], axis=1)
+    return xp.concat([top, bottom], axis=0)
+
+
+def _is_dense(F: Any) -> bool:
+    return isinstance(F, Dense)
+
+
+def _from_inner(F: StructureOps, X: Any = None) -> StructureOps:
+    """``F.from_inner(X)`` = ``Π(Fᵀ X Xᵀ F)`` (``X = None``: ``Π(FᵀF)``); for a dense ``F`` with ``X``
+    in its dtype through the cheaper symmetric route (``Π`` is the identity there).
+
+    With ``X`` ``[d, R]``: ``(FᵀX)(FᵀX)ᵀ`` costs ``R d²`` plus the symmetric ``R d²``; forming
+    ``X Xᵀ`` (symmetric) and then ``Fᵀ (X Xᵀ F)`` costs the symmetric ``R d²`` plus ``d³`` plus the
+    symmetric ``d³``: chosen when ``R > 2 d`` (many rows per layer, as in early conv layers)."""
+    if not _is_dense(F):
+        return F.from_inner() if X is None else F.from_inner(X)
+    xp = F.xp
+    K = F.mat
+    Kt = xp.matrix_transpose(K)
+    if X is None:
+        return Dense(_sym_mm(xp, Kt, K))
+    if X.ndim != 2 or X.dtype != K.dtype or int(X.shape[0]) != F.dim:
+        return F.from_inner(X)  # the structure validates / promotes
+    d, R = int(X.shape[0]), int(X.shape[1])
+    if R > 2 * d:
+        A = _sym_mm(xp, X, xp.matrix_transpose(X))  # X Xᵀ
+        return Dense(_sym_mm(xp, Kt, A @ K))
+    Y = Kt @ X
+    return Dense(_sym_mm(xp, Y, xp.matrix_transpose(Y)))
+
+
+def _sym_cost(d: int) -> float:
+    """Multiply-adds of :func:`_sym_mm` at side ``d`` relative to the plain product."""
+    return 1.0 if d < _SYM_SPLIT else 0.25 + 0.5 * _sym_cost(d // 2)
+
+
+class _OuterCache:
+    """``F Fᵀ`` of dense factors for ``apply``: ``(F Fᵀ) X`` instead of ``F (Fᵀ X)``.
+
+    The route depends on the shapes only: a factor of side ``d`` applied to ``X`` with ``n``
+    columns goes through ``F Fᵀ`` when ``_sym_cost(d) · d ≤ n`` — then forming ``F Fᵀ`` and one
+    product costs no more than the two products, even for a single apply — so a run and its
+    resumed copy take the same route. The product is kept while the factor's array lives and is
+    not written in place: keyed on ``id`` of the array with a weak reference (an entry leaves with
+    its array) and checked against torch's version counter (``_version``). Arrays without one
+    (NumPy, CuPy: writes are not visible) and JAX arrays (tracers under ``jit``) form ``F Fᵀ``
+    afresh each time. A kept product is the one that would be formed again: bit for bit the same
+    result, cached or not."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple] = {}  # id -> (weakref, version, F Fᵀ)
+
+    @staticmethod
+    def use(F: StructureOps, n: int) -> bool:
+        return _is_dense(F) and _sym_cost(F.dim) * F.dim <= n
+
+    @staticmethod
+    def cacheable(arr: Any) -> bool:
+        return (getattr(arr, "_version", None) is not None and not compat.is_jax_array(arr)
+                and not getattr(arr, "requires_grad", False))
+
+    def _retire(self, key: int, ref: Any) -> None:
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del self.entries[key]
+
+    def outer(self, F: StructureOps, n: int) -> Any:
+        """``F Fᵀ`` when that route is taken (see the class), else ``None``: use ``F (Fᵀ X)``."""
+        if not self.use(F, n):
+            return None
+        xp, arr = F.xp, F.mat
+        if not self.cacheable(arr):
+            return _sym_mm(xp, arr, xp.matrix_transpose(arr))
+        key, version = id(arr), arr._version
+        entry = self.entries.get(key)
+        if entry is not None and entry[0]() is arr and entry[1] == version:
+            return entry[2]
+        Q = _sym_mm(xp, arr, xp.matrix_transpose(arr))
+        try:
+            ref = weakref.ref(arr, lambda r, k=key: self._retire(k, r))
+        except TypeError:
+            return Q
+        self.entries[key] = (ref, version, Q)
+        return Q
+
+
+# ---------------------------------------------------------------------------------------------
 # statistics
 
 
@@ -194,7 +310,7 @@ def singd_input_statistics(state: SingdState, rows: Any) -> StructureOps:
     _check_rows(rows, "rows", K.dim, "d̃ of K", where)
     _check_real(xp, rows, "rows", where)
     a = _scaled(xp, rows, 1.0 / math.sqrt(int(rows.shape[0])), K.dtype)  # aᵀa = A
-    return K.from_inner(xp.matrix_transpose(a))
+    return _from_inner(K, xp.matrix_transpose(a))
 
 
 def singd_grad_statistics(state: SingdState, grad_rows: Any, *, reduction_factor: Any) -> StructureOps:
@@ -209,7 +325,7 @@ def singd_grad_statistics(state: SingdState, grad_rows: Any, *, reduction_factor
     _check_number(reduction_factor, "reduction_factor", positive=True, where=where)
     wide_g = xp.result_type(grad_rows.dtype, C.dtype)
     g = _scaled(xp, grad_rows, _inv_sqrt(xp, reduction_factor, wide_g), C.dtype)  # gᵀg = G
-    return C.from_inner(xp.matrix_transpose(g))
+    return _from_inner(C, xp.matrix_transpose(g))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +404,7 @@ def singd(
     s = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
     default_lr_cov = lr_cov if _is_array(lr_cov) else float(lr_cov)
     lam = damping if _is_array(damping) else float(damping)
+    outer_cache = _OuterCache()  # K Kᵀ / C Cᵀ of dense factors between updates (apply)
 
     def init(d_in_tilde: int, d_out: int, *, xp: Any, dtype: Any = None, device: Any = None):
         d_in_tilde = check_positive_int(d_in_tilde, "d_in_tilde", "singd.init")
@@ -316,20 +433,40 @@ def singd(
             )
         return H.astype(F.dtype)
 
+    def _coef(*factors: Any) -> Any:
+        """The product of scalar factors (numbers and 0-d arrays; arrays in at least float32),
+        applied to a factor in one pass instead of one pass per factor."""
+        out = 1.0
+        for f in factors:
+            if compat.is_array_api_obj(f):
+                xp = compat.array_namespace(f)
+                if f.dtype not in (xp.float32, xp.float64):
+                    f = xp.astype(f, xp.float32)
+                if compat.is_array_api_obj(out) and out.dtype != f.dtype:
+                    wide = xp.result_type(out.dtype, f.dtype)
+                    out, f = xp.astype(out, wide), xp.astype(f, wide)
+            out = out * f
+        return out
+
     def _step(F, m, H, P, tr_other_H, tr_other_P, u, beta, factor_u: bool):
-        """New (factor, momentum) for one side; see the module docstring."""
+        """New (factor, momentum) for one side; see the module docstring.
+
+        ``s·g`` is formed as ``c_H·H + c_P·P − s·I`` with the scalar factors multiplied first (one
+        pass per term), and ``F − β F m`` as ``F + (−β)(F m)``: the same numbers to round-off."""
         if kfac_like:
-            g = (H.mul(u) if factor_u else H).add(P.mul(lam))
+            c_H = _coef(s, u) if factor_u else s
+            c_P = _coef(s, lam)
         else:
-            g = H.mul(tr_other_H).mul(u).add(P.mul(tr_other_P).mul(lam))
-        g = g.diag_add(-1.0)
-        m_new = g.mul(s) if m is None else m.mul(alpha1).add(g.mul(s))
+            c_H = _coef(s, tr_other_H, u)
+            c_P = _coef(s, tr_other_P, lam)
+        sg = H.mul(c_H).add(P.mul(c_P)).diag_add(-s)
+        m_new = sg if m is None else m.mul(alpha1).add(sg)
         if normalize_lr_cov:
             xp = F.xp
             mx = m_new.max_abs()
             mx = xp.astype(mx, xp.float64 if mx.dtype == xp.float64 else xp.float32)
             beta = beta / xp.maximum(mx, xp.ones_like(mx))
-        F_new = F.sub(F.compose(m_new).mul(beta))
+        F_new = F.add(F.compose(m_new).mul(-beta))
         return F_new, (m_new if use_momentum else None)
 
     def update(
@@ -362,8 +499,8 @@ def singd(
         _check_number(grad_scale_correction, "grad_scale_correction", positive=True, where=where)
         u = grad_scale_correction
         K, C = state.K, state.C
-        P_K = K.from_inner()  # Π_K(KᵀK)
-        P_C = C.from_inner()  # Π_C(CᵀC)
+        P_K = _from_inner(K)  # Π_K(KᵀK)
+        P_C = _from_inner(C)  # Π_C(CᵀC)
         tr = {}
         if not kfac_like:
             tr = {
@@ -397,9 +534,12 @@ def singd(
         _check_real(xp, grad_mat, "grad_mat", where)
         Gt = xp.matrix_transpose(grad_mat)
         Gt = Gt if Gt.dtype == K.dtype else xp.astype(Gt, K.dtype)
-        right = xp.matrix_transpose(K.matmul(K.rmatmat(Gt)))  # ∇W̃ K Kᵀ
+        QK = outer_cache.outer(K, C.dim)  # K Kᵀ, or None
+        KKG = K.matmul(K.rmatmat(Gt)) if QK is None else QK @ Gt
+        right = xp.matrix_transpose(KKG)  # ∇W̃ K Kᵀ
         right = right if right.dtype == C.dtype else xp.astype(right, C.dtype)
-        out = C.matmul(C.rmatmat(right))  # C Cᵀ ∇W̃ K Kᵀ
+        QC = outer_cache.outer(C, K.dim)  # C Cᵀ, or None
+        out = C.matmul(C.rmatmat(right)) if QC is None else QC @ right  # C Cᵀ ∇W̃ K Kᵀ
         return out if out.dtype == grad_mat.dtype else xp.astype(out, grad_mat.dtype)
 
     def to_dense(state: SingdState) -> Any:

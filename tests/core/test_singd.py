@@ -6,6 +6,8 @@ matrices and the support-mask projection oracle of ``test_structures.project``.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from array_api_compat import is_jax_namespace
@@ -658,3 +660,124 @@ def test_to_dense_in_the_factors_dtype(xp, dt):
     assert D.dtype == dtype
     K, C = to_numpy(state.K.to_dense()), to_numpy(state.C.to_dense())
     assert_close(D, np.kron(C @ C.T, K @ K.T), **tol(xp, dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# dense fast paths: symmetric block products, the Gram route of H_K, the cached C Cᵀ / K Kᵀ of apply
+
+
+def test_sym_mm_equals_the_plain_product():
+    """``_sym_mm`` (upper blocks mirrored, recursively) equals the plain product of a symmetric
+    product to round-off, below, at and above the split size."""
+    ms = importlib.import_module("maccore.singd")
+
+    rng = np.random.default_rng(0)
+    for d, n in ((7, 5), (ms._SYM_SPLIT, 3), (2 * ms._SYM_SPLIT + 3, 6)):
+        X = rng.standard_normal((d, n))
+        M = rng.standard_normal((n, n))
+        M = M + M.T
+        for Y in (X.T, M @ X.T):  # X Xᵀ, and X M Xᵀ as Kᵀ (A K)
+            S = ms._sym_mm(np, X, Y)
+            np.testing.assert_allclose(S, X @ Y, rtol=1e-10, atol=1e-10 * n)
+            if d >= ms._SYM_SPLIT:  # the lower off-diagonal block is the mirrored upper one
+                h = d // 2
+                np.testing.assert_array_equal(S[h:, :h], S[:h, h:].T)
+
+
+@pytest.mark.parametrize("R", [3, 40])  # R ≤ 2d̃: (KᵀX)(KᵀX)ᵀ; R > 2d̃: Kᵀ (X Xᵀ K)
+def test_dense_from_inner_routes_match_float64_oracle(R):
+    ms = importlib.import_module("maccore.singd")
+
+    rng = np.random.default_rng(R)
+    d = 9
+    Km = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    X = rng.standard_normal((d, R))
+    K = structures.Dense(Km)
+    np.testing.assert_allclose(ms._from_inner(K, X).mat, Km.T @ X @ X.T @ Km, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ms._from_inner(K).mat, Km.T @ Km, rtol=1e-12, atol=1e-12)
+    D = structures.get("diagonal").eye(d, xp=np)  # other structures: their own from_inner
+    np.testing.assert_allclose(ms._from_inner(D, X).diag, np.sum(X * X, axis=1), rtol=1e-12)
+
+
+def _torch_or_skip():
+    return pytest.importorskip("torch")
+
+
+def _dense_state(torch, rng, dK, dC, steps=2):
+    """A dense/dense state after ``steps`` updates (float64 torch), and the preconditioner."""
+    pc = singd(structures=("dense", "dense"), alpha1=0.5, lr_cov=0.3, damping=1e-2)
+    st_ = pc.init(dK, dC, xp=torch, dtype=torch.float64)
+    for _ in range(steps):
+        rows = torch.from_numpy(rng.standard_normal((16, dK)))
+        g = torch.from_numpy(rng.standard_normal((16, dC)))
+        st_ = pc.update(st_, rows, g, reduction_factor=1.0)
+    return pc, st_
+
+
+def _oracle_apply(state, G):
+    K, C = state.K.mat.numpy(), state.C.mat.numpy()
+    return C @ C.T @ G @ K @ K.T
+
+
+def test_apply_with_cached_outer_products_matches_float64_oracle():
+    """dK ≥ dC (C Cᵀ route) and dK < dC (K Kᵀ route): the cached products give the dense
+    float64 oracle to round-off and the same bits as the first (uncached) apply."""
+    torch = _torch_or_skip()
+    ms = importlib.import_module("maccore.singd")
+
+    rng = np.random.default_rng(1)
+    for dK, dC in ((12, 5), (4, 11)):
+        pc, state = _dense_state(torch, rng, dK, dC)
+        assert ms._OuterCache.use(state.C, dK) == (dC <= dK)
+        assert ms._OuterCache.use(state.K, dC) == (dK <= dC)
+        G = rng.standard_normal((dC, dK))
+        first = pc.apply(state, torch.from_numpy(G))
+        for _ in range(3):
+            again = pc.apply(state, torch.from_numpy(G))
+            assert torch.equal(again, first)
+        np.testing.assert_allclose(first.numpy(), _oracle_apply(state, G), rtol=1e-12, atol=1e-12)
+
+
+def test_cached_outer_product_is_not_stale():
+    """After a preconditioner update (a new factor) and after an in-place write to a factor, apply
+    uses the new factor: the result equals the oracle of the current factors."""
+    torch = _torch_or_skip()
+    rng = np.random.default_rng(2)
+    dK, dC = 12, 5  # C Cᵀ is cached
+    pc, state = _dense_state(torch, rng, dK, dC)
+    G = torch.from_numpy(rng.standard_normal((dC, dK)))
+    old = pc.apply(state, G)
+    rows = torch.from_numpy(rng.standard_normal((16, dK)))
+    g = torch.from_numpy(rng.standard_normal((16, dC)))
+    new_state = pc.update(state, rows, g, reduction_factor=1.0)
+    new = pc.apply(new_state, G)
+    np.testing.assert_allclose(new.numpy(), _oracle_apply(new_state, G.numpy()), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(new, old)
+    # the old state is still served its own product
+    assert torch.equal(pc.apply(state, G), old)
+    # an in-place write to the factor: the kept C Cᵀ must not be used
+    with torch.no_grad():
+        new_state.C.mat.mul_(1.5)
+    np.testing.assert_allclose(pc.apply(new_state, G).numpy(), _oracle_apply(new_state, G.numpy()),
+                               rtol=1e-12, atol=1e-12)
+    # an array whose id is reused after the factor is freed is not confused with it
+    del state, new_state
+    import gc
+
+    gc.collect()
+    pc2, st2 = _dense_state(torch, rng, dK, dC, steps=1)
+    np.testing.assert_allclose(pc.apply(st2, G).numpy(), _oracle_apply(st2, G.numpy()), rtol=1e-12, atol=1e-12)
+
+
+def test_outer_cache_entries_leave_with_their_factor():
+    torch = _torch_or_skip()
+    rng = np.random.default_rng(3)
+    pc, state = _dense_state(torch, rng, 12, 5)
+    cache = next(c.cell_contents for c in pc.apply.__closure__ if type(c.cell_contents).__name__ == "_OuterCache")
+    pc.apply(state, torch.from_numpy(rng.standard_normal((5, 12))))
+    assert len(cache.entries) == 1
+    del state
+    import gc
+
+    gc.collect()
+    assert len(cache.entries) == 0
