@@ -90,7 +90,7 @@ def _numpy_mac(repeats: int, quick: bool) -> list[Result]:
         return pool, (a, (a / (1.0 + a @ a)).astype(np.float32))
 
     def inplace(g, a, coef):
-        _delegate.rank1_rows_numpy(g, a, coef, g)
+        _delegate.rank1_rows_blas1(g, a, coef, g)  # as mac_apply runs it (BLAS at one thread)
 
     return _mac_rows("numpy", make, lambda g: g.copy(), inplace, lambda g: g * np.float32(1), repeats, quick)
 
