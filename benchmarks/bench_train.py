@@ -388,8 +388,8 @@ def _step_times(name: str, make_model, x, y, repeats: int) -> list[Result]:
     return out
 
 
-def _fast_row(name: str, ratios: list[float]) -> Result:
-    return Result(f"{name}: MAC step, fast paths", "MAC step, plain path (fast paths off)", 1.0, ratios,
+def _fast_row(name: str, ratios: list[float], target: float | None = 1.0) -> Result:
+    return Result(f"{name}: MAC step, fast paths", "MAC step, plain path (fast paths off)", target, ratios,
                   note="a fast path must never lose to the path it replaces")
 
 
@@ -409,15 +409,18 @@ def _optimizer_bound_mlp(repeats: int, quick: bool) -> list[Result]:
     return _mac_rows(f"torch-cpu MLP 1024-{width}-{width}-10 b64", interleaved_blocks(tr, rounds=repeats), 1.15)
 
 
-def _mac_rows(name: str, times: dict[str, list[float]], target: float, note: str = "") -> list[Result]:
-    """MAC / SGD (``target``) and MAC's fast paths / plain path from interleaved block times."""
-    sgd_ms = statistics.median(times["SGD"]) / BLOCK * 1e3
-    mac_ms = statistics.median(times["MAC"]) / BLOCK * 1e3
+def _mac_rows(name: str, times: dict[str, list[float]], target: float | None, note: str = "",
+              block: int = BLOCK) -> list[Result]:
+    """MAC / SGD (``target``) and MAC's fast paths / plain path (target 1, none without
+    ``target``) from interleaved times of blocks of ``block`` steps."""
+    sgd_ms = statistics.median(times["SGD"]) / block * 1e3
+    mac_ms = statistics.median(times["MAC"]) / block * 1e3
     return [
         Result(f"{name}: MAC step", "SGD(momentum) step", target,
                [m / s for m, s in zip(times["MAC"], times["SGD"])],
-               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {BLOCK} steps{note}"),
-        _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])]),
+               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {block} steps{note}"),
+        _fast_row(name, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])],
+                  None if target is None else 1.0),
     ]
 
 
@@ -425,22 +428,18 @@ class _Declares:
     """A benchmark model that declares its attention for MAC (``attention()``)."""
 
 
-def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
-    """A small Llama-style decoder (Hugging Face ``LlamaForCausalLM`` from a config, eager
-    attention: separate q/k/v projections, grouped-query attention, RoPE), MAC with
-    ``attention="auto"`` (the value projections get the attention-weighted mean from the model's
-    own probabilities) against SGD with momentum; ``n/a`` without ``transformers``."""
-    layers, d = (2, 64) if quick else (4, 128)
-    name = f"torch-cpu Llama-style decoder ({layers} layers, d={d}, 64 tokens) b16"
+def make_decoder(layers: int, d: int, tokens: int) -> tuple[Any, Any] | None:
+    """(model class, config) of the Llama-style decoder (``LlamaForCausalLM`` from a config, eager
+    attention, grouped-query attention, RoPE; MAC with ``attention="auto"``), the model returning
+    logits ``[B·T, V]`` against the next tokens; ``None`` without transformers."""
     hide_broken_torchvision()
     try:
         import transformers as tr
     except ImportError:
-        return [Result(f"{name}: MAC step", "SGD(momentum) step", 1.10, [math.nan],
-                       note="transformers not installed")]
+        return None
     cfg = tr.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=4 * d,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, attn_implementation="eager")
+                         max_position_embeddings=tokens, attn_implementation="eager")
 
     class Decoder(nn.Module, _Declares):  # logits [B·T, V] for the trainers' cross-entropy on next tokens
         def __init__(self) -> None:
@@ -453,6 +452,21 @@ def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
         def attention(self) -> str:
             return "auto"
 
+    return Decoder, cfg
+
+
+def _llama_decoder(repeats: int, quick: bool) -> list[Result]:
+    """A small Llama-style decoder (Hugging Face ``LlamaForCausalLM`` from a config, eager
+    attention: separate q/k/v projections, grouped-query attention, RoPE), MAC with
+    ``attention="auto"`` (the value projections get the attention-weighted mean from the model's
+    own probabilities) against SGD with momentum; ``n/a`` without ``transformers``."""
+    layers, d = (2, 64) if quick else (4, 128)
+    name = f"torch-cpu Llama-style decoder ({layers} layers, d={d}, 64 tokens) b16"
+    made = make_decoder(layers, d, 64)
+    if made is None:
+        return [Result(f"{name}: MAC step", "SGD(momentum) step", 1.10, [math.nan],
+                       note="transformers not installed")]
+    Decoder, cfg = made
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (160, 64), generator=g)
     tokens = ids[:, 1:]

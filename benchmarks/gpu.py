@@ -44,7 +44,7 @@ import traceback
 from typing import Any, Callable
 
 import maccore
-from benchmarks._harness import Result, hide_broken_torchvision, interleaved_times, machine_info, print_table
+from benchmarks._harness import Result, interleaved_times, machine_info, print_table
 
 # The issue's sizes; float32.
 SHAPES = ((4096, 4096), (768, 3072))
@@ -219,17 +219,11 @@ def cupy_bandwidth(device: str, repeats: int) -> list[Result]:
 
 
 def step_rows(name: str, times: dict[str, list[float]], block: int, target: float | None) -> list[Result]:
-    """MAC / SGD (``target``) and MAC's fast paths / plain path from interleaved block times."""
-    sgd_ms = statistics.median(times["SGD"]) / block * 1e3
-    mac_ms = statistics.median(times["MAC"]) / block * 1e3
-    return [
-        Result(f"{name}: MAC step", "SGD(momentum) step", target,
-               [m / s for m, s in zip(times["MAC"], times["SGD"])],
-               note=f"median SGD {sgd_ms:.2f} ms/step, MAC {mac_ms:.2f} ms/step; blocks of {block} steps"),
-        Result(f"{name}: MAC step, fast paths", "MAC step, plain path (fast paths off)",
-               None if target is None else 1.0, [m / p for m, p in zip(times["MAC"], times["MAC-plain"])],
-               note="a fast path must never lose to the path it replaces"),
-    ]
+    """MAC / SGD (``target``) and MAC's fast paths / plain path from interleaved block times
+    (:func:`benchmarks.bench_train._mac_rows`)."""
+    from benchmarks import bench_train
+
+    return bench_train._mac_rows(name, times, target, block=block)
 
 
 def _trainers(make_model, x, y, batch: int, device: str) -> dict[str, Any]:
@@ -267,36 +261,10 @@ def decoder_name(device: str, layers: int, d: int, tokens: int, batch: int) -> s
 
 
 def make_decoder(layers: int, d: int, tokens: int) -> tuple[Any, Any] | None:
-    """(model class, config) of bench_train's Llama-style decoder (``LlamaForCausalLM`` from a
-    config, eager attention, grouped-query attention, RoPE; MAC with ``attention="auto"``), the
-    model returning logits ``[B·T, V]`` against the next tokens; ``None`` without transformers."""
+    """bench_train's Llama-style decoder (:func:`benchmarks.bench_train.make_decoder`)."""
     from benchmarks import bench_train
 
-    import torch
-    from torch import nn
-
-    hide_broken_torchvision()
-    try:
-        import transformers as tr
-    except ImportError:
-        return None
-    # the configuration of bench_train._llama_decoder (there at layers=4, d=128, 64 tokens, batch 16)
-    cfg = tr.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=4 * d,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=tokens, attn_implementation="eager")
-
-    class Decoder(nn.Module, bench_train._Declares):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = tr.LlamaForCausalLM(cfg)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=ids).logits[:, :-1].reshape(-1, cfg.vocab_size)
-
-        def attention(self) -> str:
-            return "auto"
-
-    return Decoder, cfg
+    return bench_train.make_decoder(layers, d, tokens)
 
 
 def decoder_trainers(device: str, *, layers: int, d: int, tokens: int, batch: int,

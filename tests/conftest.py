@@ -43,6 +43,17 @@ def _selected_backends():
     return names
 
 
+def cupy_or_skip():
+    """The ``cupy`` module, or skip the test: CuPy not installed or no usable CUDA device."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("cupy: no CUDA device")
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cupy: no usable CUDA device ({exc})")
+    return cupy
+
+
 def load_backend(name: str):
     """Return the array_api_compat-wrapped namespace of backend ``name`` or skip."""
     import array_api_compat
@@ -62,13 +73,7 @@ def load_backend(name: str):
 
         return array_api_compat.array_namespace(jnp.empty(0))
     if name == "cupy":
-        cupy = pytest.importorskip("cupy")
-        try:
-            if cupy.cuda.runtime.getDeviceCount() < 1:
-                pytest.skip("cupy: no CUDA device")
-        except Exception as exc:  # pragma: no cover - depends on the machine
-            pytest.skip(f"cupy: no usable CUDA device ({exc})")
-        return array_api_compat.array_namespace(cupy.empty(0))
+        return array_api_compat.array_namespace(cupy_or_skip().empty(0))
     raise AssertionError(name)
 
 

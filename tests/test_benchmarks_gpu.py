@@ -161,13 +161,9 @@ def test_cuda_mac_apply_matches_cpu(dtype, heads):
 
 
 def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("cupy: no CUDA device")
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"cupy: no usable CUDA device ({exc})")
-    return cupy
+    from tests.conftest import cupy_or_skip
+
+    return cupy_or_skip()
 
 
 def test_cupy_mac_apply_matches_numpy():

@@ -18,7 +18,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import maccore  # noqa: E402
 import maccore_torch as mt  # noqa: E402
 from maccore_torch import optimizer as opt_mod  # noqa: E402
 
@@ -32,11 +31,10 @@ def _model(seed=0, dtype=torch.float32):
 
 
 def _state(opt):
-    pre = opt.preconditioner
-    layers = {l.name: (maccore.checkpoint.flatten_state(l.state)[0], l.updates) for l in pre.layers}
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    moms = [opt.state[p].get("momentum_buffer") for g in opt.param_groups for p in g["params"]]
-    return pre.t, layers, params, [None if m is None else m.clone() for m in moms]
+    """Everything a step may change (parameters, per-layer states, counters, momenta)."""
+    from tests.test_reliability_nonfinite import _snapshot
+
+    return _snapshot(opt)
 
 
 def _equal(a, b):
