@@ -196,6 +196,38 @@ def test_apply_split_equals_apply(xp, dtype, name, spec):
         assert_close(gb, want_b, **tol(xp, dtype))
 
 
+@pytest.mark.parametrize("case", ["grad_shape", "bias_shape", "integer", "state_shape",
+                                  "foreign_state", "tiny_damping"])
+def test_apply_split_mac_refuses_what_the_trusted_route_does_not_check(case):
+    """``apply_split`` checks per call only what gradients can get wrong and sends anything
+    unexpected through ``mac_apply``'s full validation: every bad case raises its named error
+    (never a raw backend error, never a silently wrong result)."""
+    rng = np.random.default_rng(8)
+    method = engine.mac_method(damping=1e-40 if case == "tiny_damping" else 0.5)
+    state, _ = _cycle(engine.mac_method(damping=0.5), LIN, np, np.float64,
+                      [rng.standard_normal((6, 4))], [rng.standard_normal((6, 3))])
+    gw, gb = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    expect = (ValueError, "does not match|must be")
+    if case == "grad_shape":
+        gw = rng.standard_normal((3, 5))
+    elif case == "bias_shape":
+        gb = rng.standard_normal(4)
+    elif case == "integer":
+        gw, expect = np.ones((3, 4), dtype=np.int64), (TypeError, "floating")
+    elif case == "state_shape":
+        state = state._replace(mean_hat=np.ones(7))
+    elif case == "foreign_state":
+        array_api_strict = pytest.importorskip("array_api_strict")
+        state = state._replace(mean_hat=array_api_strict.asarray(state.mean_hat))
+        expect = (TypeError, "mean")
+    else:  # λ = 1e-40 is no normal float32: float32 statistics cannot carry it
+        state = state._replace(mean_hat=state.mean_hat.astype(np.float32))
+        gw, gb = gw.astype(np.float32), gb.astype(np.float32)
+        expect = (ValueError, "smallest normal")
+    with pytest.raises(expect[0], match=expect[1]):
+        engine.apply_split(method, LIN, state, gw, gb)
+
+
 def test_first_layer_inverse(xp, dtype):
     rng = np.random.default_rng(7)
     batches = [rng.standard_normal((s, 4)) + 0.3 for s in (5, 8)]
