@@ -228,6 +228,30 @@ def test_apply_split_mac_refuses_what_the_trusted_route_does_not_check(case):
         engine.apply_split(method, LIN, state, gw, gb)
 
 
+def test_apply_split_mac_valid_calls_never_reach_the_full_validation(monkeypatch):
+    """Valid gradients (bias, SMAC diagonal, in place) take the trusted route only: the full
+    validation of ``mac_apply`` is not run per call; a foreign ``out`` pair is sent to it."""
+    import importlib
+
+    mac_mod = importlib.import_module("maccore.mac")  # (maccore.mac is also the function)
+    rng = np.random.default_rng(9)
+    method = engine.mac_method(damping=0.5, diagonal=True)
+    state, _ = _cycle(method, LIN, np, np.float64, [rng.standard_normal((6, 4))],
+                      [rng.standard_normal((6, 3))])
+    gw, gb = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    want = engine.apply_split(method, LIN, state, gw, gb)
+    monkeypatch.setattr(mac_mod, "mac_apply", lambda *a, **k: pytest.fail("full validation ran"))
+    for inplace in (False, True):
+        w, b = engine.apply_split(method, LIN, state, gw.copy(), gb.copy(), inplace=inplace)
+        assert_close(w, want[0], rtol=1e-13, atol=1e-13)
+        assert_close(b, want[1], rtol=1e-13, atol=1e-13)
+    monkeypatch.undo()
+    w2 = gw.reshape(3, 4)
+    for out in ((np.empty((3, 5)), gb), (w2, np.empty(5))):  # one of the pair foreign, misfit
+        with pytest.raises(ValueError, match="shape and dtype"):
+            mac_mod.mac_apply_trusted(w2, state.mean_hat, 0.5, None, "reference", gb, out)
+
+
 def test_first_layer_inverse(xp, dtype):
     rng = np.random.default_rng(7)
     batches = [rng.standard_normal((s, 4)) + 0.3 for s in (5, 8)]

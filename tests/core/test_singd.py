@@ -633,6 +633,31 @@ def test_hyperparameters_as_0d_arrays(xp, alpha1, kfac_like):
             assert_close(got[3], want[3], **t)
 
 
+@pytest.mark.filterwarnings("ignore:.*kfac_like=True uses no Riemannian momentum")
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_float64_array_hyperparameters_on_float32_factors(xp, kfac_like):
+    """0-d float64 arrays for lr_cov and damping on float32 factors (the scalar factors of one
+    update term are multiplied in the wider dtype first) give the Python floats' numbers."""
+    floats = dict(lr_cov=0.05, damping=1e-3, kfac_like=kfac_like)
+    arrays = {k: (xp.asarray(v, dtype=xp.float64) if k != "kfac_like" else v)
+              for k, v in floats.items()}
+    want = _steps(xp, singd(**floats), xp.float32)
+    got = _steps(xp, singd(**arrays), xp.float32)
+    for g, w in zip(got[:2], want[:2]):
+        assert_close(g, w, **tol(xp, xp.float32))
+
+
+def test_sym_cost_worked_values():
+    """The multiply-adds of the symmetric product relative to the plain one: 1 below the split,
+    3/4 for one level, 1/4 + 1/2 · 3/4 = 5/8 for two."""
+    ms = importlib.import_module("maccore.singd")
+    k = ms._SYM_SPLIT
+    assert ms._sym_cost(k - 1) == 1.0
+    assert ms._sym_cost(k) == 0.75
+    assert ms._sym_cost(2 * k) == 0.625
+    assert ms._sym_cost(4 * k) == 0.25 + 0.5 * 0.625
+
+
 def test_hyperparameter_ranges(xp):
     """alpha1 ∈ [0, 1), lr_cov ≥ 0 and damping ≥ 0, numbers or 0-d arrays (damping 0 is allowed:
     SINGD's factors carry no inverse that it would make singular)."""
