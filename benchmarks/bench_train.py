@@ -517,12 +517,16 @@ def _compiled_rows(x, y, repeats: int) -> list[Result]:
     # the SGD and MAC models are instances of one class: dynamo does not guard on module hooks by
     # default, so the graph compiled for the hook-less SGD model would be reused for MAC's and
     # its statistics never collected (MAC warns at its first step); guard on hooks here
+    guards = torch._dynamo.config.skip_nnmodule_hook_guards
     torch._dynamo.config.skip_nnmodule_hook_guards = False
-    tr = {"SGD": Trainer(CNN, "SGD", x, y, BATCH, compiled=True),
-          "MAC": Trainer(CNN, "MAC", x, y, BATCH, compiled=True),
-          "MAC-eager": Trainer(CNN, "MAC", x, y, BATCH),
-          "SGD-eager": Trainer(CNN, "SGD", x, y, BATCH)}
-    times = interleaved_blocks(tr, rounds=repeats)
+    try:
+        tr = {"SGD": Trainer(CNN, "SGD", x, y, BATCH, compiled=True),
+              "MAC": Trainer(CNN, "MAC", x, y, BATCH, compiled=True),
+              "MAC-eager": Trainer(CNN, "MAC", x, y, BATCH),
+              "SGD-eager": Trainer(CNN, "SGD", x, y, BATCH)}
+        times = interleaved_blocks(tr, rounds=repeats)
+    finally:  # the setting is process-wide: restore it
+        torch._dynamo.config.skip_nnmodule_hook_guards = guards
     ms = {k: statistics.median(v) / BLOCK * 1e3 for k, v in times.items()}
     return [
         Result(f"{name}: MAC step", "SGD(momentum) step, compiled", 1.10,

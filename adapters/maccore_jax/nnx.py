@@ -140,17 +140,9 @@ def _attention_tapped(model, rec):
 
 @contextlib.contextmanager
 def _tapped(model, layer_types, rec):
-    index = _layers(model, layer_types)
     # every class on the layers' MROs that defines __call__ (a subclass calling super().__call__ is
     # recorded at the innermost call, the one applying the weights)
-    classes = {
-        cls
-        for _, node in nnx.iter_graph(model)
-        if id(node) in index
-        for cls in type(node).__mro__
-        if "__call__" in cls.__dict__ and issubclass(cls, layer_types)
-    }
-    originals = {cls: cls.__dict__["__call__"] for cls in classes}
+    index, originals = _patched(model, layer_types)
 
     def wrap(orig):
         def __call__(self, x, *a, **kw):

@@ -145,12 +145,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if pending is None:
             self._drop_reset_momenta()
             return loss
-        if pre.on_nonfinite is None:  # no checks: in place, no device sync
-            pre._commit(pending)
-            for group in self.param_groups:
-                self._update_group(group)
-            return loss
-        if self._bounded_step(pending.checked(grads=False)):
+        # in place: without checks (no device sync), or when a magnitude bound proves the new
+        # values finite (one sync); otherwise out of place below, decided exactly
+        if pre.on_nonfinite is None or self._bounded_step(pending.checked(grads=False)):
             pre._commit(pending)
             for group in self.param_groups:
                 self._update_group(group)

@@ -64,3 +64,14 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
     assert ta == tb, f"tree structures differ: {ta} vs {tb}"
     for x, y in zip(la, lb):
         np.testing.assert_allclose(to_np(x), to_np(y), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def x64_module():
+    """``jax_enable_x64`` on for a test module (float64 oracles), restored afterwards; a module
+    makes it autouse with ``pytestmark = pytest.mark.usefixtures("x64_module")`` after importing
+    it."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from tests.adapters._jax_common import to_np  # noqa: F401  (path setup for maccore_jax)
+from tests.adapters._jax_common import to_np, x64_module  # noqa: F401  (path setup for maccore_jax)
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,7 @@ F64 = jnp.float64
 LAM = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64 oracles (_jax_common)
 
 
 def rand(seed, shape, scale=1.0):

@@ -16,7 +16,7 @@ import functools
 
 import pytest
 
-from tests.adapters._jax_common import to_np  # noqa: F401  (import path of maccore_jax)
+from tests.adapters._jax_common import to_np, x64_module  # noqa: F401  (import path of maccore_jax)
 
 import array_api_compat  # noqa: E402
 import jax  # noqa: E402
@@ -32,12 +32,7 @@ F64 = jnp.float64
 SIZES = {"l1": (5, 6, True), "l2": (6, 4, True), "l3": (4, 3, False)}  # d_in, d_out, bias
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64 oracles (_jax_common)
 
 
 # ---- a three-layer MLP written out by hand (inputs and output gradients of every layer) ----------
