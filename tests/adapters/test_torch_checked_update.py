@@ -183,3 +183,69 @@ def test_max_abs_groups_small_and_large_tensors():
         opt_mod._max_abs([large] + small)[(torch.device("cpu"), torch.float32)]  # NaN
     small[0][0] = float("-inf")
     assert opt_mod._max_abs(small)[(torch.device("cpu"), torch.float32)] == float("inf")
+
+
+def _oracle_update(rule, first, p, g, b, lr, mu, wd):
+    """The update rule of ``CurvatureOptimizer`` in float64 (docstring): (new p, new b)."""
+    p, g = p.double(), g.double()
+    coupled = rule != "decoupled"
+    g1 = g + wd * p if coupled else g
+    b1 = g1 if first else mu * b.double() + g1
+    d = (g1 if first else g1 + mu * b1) if rule == "nesterov" else b1
+    keep = 1.0 if coupled else 1.0 - lr * wd
+    return keep * p - lr * d, b1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rule", ["coupled", "decoupled", "nesterov"])
+@pytest.mark.parametrize("first", [True, False])
+def test_momentum_update_matches_float64_oracle(dtype, rule, first, monkeypatch):
+    """``_momentum_update`` against the rule in float64, tolerance from the dtype; float32/float64
+    take torch's fused SGD kernel (except Nesterov's first step, whose d = ĝ' is not torch's),
+    bfloat16 the ``_foreach_*`` ops (the fused CPU kernel is wrong in bfloat16)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 33), (33,), (5,)]  # vectorised bodies and scalar tails
+    ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    olds = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    lr, mu, wd = 0.3, 0.9, 0.2
+    want = [_oracle_update(rule, first, p, g, b, lr, mu, wd) for p, g, b in zip(ps, gs, olds)]
+    group = dict(lr=lr, momentum=mu, weight_decay=wd, nesterov=rule == "nesterov",
+                 weight_decay_mode="decoupled" if rule == "decoupled" else "coupled")
+    calls = []
+    real = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    gs0 = [g.clone() for g in gs]
+    bufs = [torch.full_like(g, float("nan")) for g in gs] if first else [b.clone() for b in olds]
+    got_p = [p.clone() for p in ps]
+    opt_mod._momentum_update(group, got_p, gs, bufs, [0, 1, 2] if first else [])
+    eps = torch.finfo(dtype).eps
+    for (wp, wb), p, b in zip(want, got_p, bufs):
+        torch.testing.assert_close(p.double(), wp, rtol=16 * eps, atol=16 * eps)
+        torch.testing.assert_close(b.double(), wb, rtol=16 * eps, atol=16 * eps)
+    for g, g0 in zip(gs, gs0):  # the gradients are only read
+        assert torch.equal(g, g0)
+    fused = dtype != torch.bfloat16 and not (rule == "nesterov" and first)
+    assert len(calls) == (1 if fused else 0)
+    if calls:
+        assert calls[0]["weight_decay"] == (0.0 if rule == "decoupled" else wd)
+        assert calls[0]["is_first_step"] is first
+
+
+def test_momentum_update_mixed_first_and_later_buffers():
+    """One group with a parameter on its first step beside ones with momentum: both kernels
+    (fused calls per first/later, the ops for the rest) give the float64 rule."""
+    gen = torch.Generator().manual_seed(4)
+    ps = [torch.randn(7, 9, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64),
+          torch.randn(9, generator=gen).bfloat16()]
+    gs = [torch.randn_like(p, dtype=torch.float32).to(p.dtype) for p in ps]
+    olds = [torch.randn_like(p, dtype=torch.float32).to(p.dtype) for p in ps]
+    group = dict(lr=0.1, momentum=0.8, weight_decay=0.1, nesterov=True, weight_decay_mode="coupled")
+    bufs = [torch.empty_like(olds[0]), olds[1].clone(), olds[2].clone()]
+    got = [p.clone() for p in ps]
+    opt_mod._momentum_update(group, got, gs, bufs, [0])
+    for i, (p, g, b) in enumerate(zip(ps, gs, olds)):
+        wp, wb = _oracle_update("nesterov", i == 0, p, g, b, 0.1, 0.8, 0.1)
+        eps = torch.finfo(p.dtype).eps
+        torch.testing.assert_close(got[i].double(), wp, rtol=16 * eps, atol=16 * eps)
+        torch.testing.assert_close(bufs[i].double(), wb, rtol=16 * eps, atol=16 * eps)
