@@ -17,6 +17,7 @@ output gradients SUMMED over them (T17).
 from __future__ import annotations
 
 import enum
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -295,8 +296,24 @@ def _pad(xp: Any, x: Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> Ar
     return xpx.pad(x, tuple(width), mode="constant", constant_values=0, xp=xp)
 
 
+# checked conv geometries, keyed on the input's spatial shape and the repr of the arguments (which
+# tells 1 from True and 1.0): a layer's statistics on every collecting step check them once
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
 def _conv_geometry(x: Array, kernel_size, stride, padding, dilation, where: str):
     _check_conv_input(x, where)
+    key = (tuple(x.shape[2:]), repr((kernel_size, stride, padding, dilation)))
+    hit = _GEOMETRY.get(key)
+    if hit is None:
+        hit = _check_geometry(x, kernel_size, stride, padding, dilation, where)
+        if len(_GEOMETRY) >= 512:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = hit
+    return hit
+
+
+def _check_geometry(x: Array, kernel_size, stride, padding, dilation, where: str):
     kh, kw = _pair(kernel_size, "kernel_size")
     sh, sw = _pair(stride, "stride")
     dh, dw = _pair(dilation, "dilation")
@@ -387,9 +404,12 @@ def conv2d_mean_patch(
 ) -> Array:
     """``mean(conv2d_rows(x, ...), axis=0)`` without materialising the patches.
 
-    The batch is summed first (one ``[C, H, W]`` buffer), padded, and each kernel offset reduces one
-    strided view: extra memory O(C·H·W) instead of O(N·P·C·kh·kw). Result in the statistics dtype
-    (float32, or float64 for float64 input).
+    The batch is summed first (one ``[C, H, W]`` buffer); the sum over the output locations of
+    kernel tap (i, j) is then ``R[i] · xs[c] · Kᵀ[:, j]`` with 0/1 selectors ``R`` ``[kh, H]``
+    and ``K`` ``[kw, W]`` marking the input rows and columns that tap reads (padding reads
+    zeros: it selects nothing), so two small matrix products give every tap of every channel:
+    extra memory O(C·H·W) instead of O(N·P·C·kh·kw). Result in the statistics dtype (float32,
+    or float64 for float64 input).
     """
     where = "conv2d_mean_patch"
     xp = namespace(x=x, where=where, optional=())
@@ -404,9 +424,13 @@ def conv2d_mean_patch(
             f"{where}: grouped convolution with groups={groups} and {c} input channels is not supported"
         )
     sdt = stats_dtype(xp, x.dtype)
+    dev = device_of(x)
     xs = xp.sum(x, axis=0, dtype=sdt)  # [C, H, W]
-    xs = _pad(xp, xs, pads)
-    sums = xp.stack([xp.sum(v, axis=(1, 2)) for v in _kernel_slices(xs, k, s, d, o)], axis=1)  # [C, kk]
+    (h, w), (pt, _), (pl, _) = x.shape[2:], *pads
+    rows = xp.asarray(_tap_selector(k[0], s[0], d[0], pt, h, o[0]), dtype=sdt, device=dev)
+    cols = xp.asarray(_tap_selector(k[1], s[1], d[1], pl, w, o[1]), dtype=sdt, device=dev)
+    sums = xp.matmul(xp.matmul(rows, xs), xp.matrix_transpose(cols))  # [C, kh, kw]
+    sums = xp.reshape(sums, (c, k[0] * k[1]))
     denom = n * o[0] * o[1]
     if groups == c and groups != 1:
         mean = xp.sum(sums, axis=0) / (denom * c)
@@ -415,6 +439,22 @@ def conv2d_mean_patch(
     if bias:
         mean = xp.concat([mean, xp.ones((1,), dtype=sdt, device=device_of(mean))])
     return mean
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_selector(k: int, s: int, d: int, pad: int, n_in: int, n_out: int) -> tuple:
+    """``[k][n_in]`` 0/1 (nested tuples): entry (i, t) is 1 when kernel tap i of some output
+    position reads input position t (t = i·d − pad + s·q for q < ``n_out``; positions in the
+    padding are not inputs)."""
+    out = []
+    for i in range(k):
+        row = [0.0] * n_in
+        for q in range(n_out):
+            t = i * d - pad + s * q
+            if 0 <= t < n_in:
+                row[t] = 1.0
+        out.append(tuple(row))
+    return tuple(out)
 
 
 def conv2d_grad_rows(g: Array, *, reduce: bool = False) -> Array:

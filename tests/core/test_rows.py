@@ -352,3 +352,25 @@ def test_qkv_spec_grouped_query_heads():
     for kv in (0, -1, -2, 3, 8, True, 2.0):
         with pytest.raises(ValueError, match="num_kv_heads must be a positive divisor of num_heads=4"):
             mc.QkvSpec(num_heads=4, num_kv_heads=kv, layout="v")
+
+
+def test_conv_geometry_cache_keeps_every_check():
+    """The checked conv geometry is remembered per spatial shape and arguments; a cached call
+    never lets through what the checks refuse (True for 1, a smaller input) and gives the same
+    means as a fresh computation."""
+    import numpy as np
+
+    from maccore import rows
+
+    x = np.arange(2 * 3 * 5 * 5, dtype=np.float64).reshape(2, 3, 5, 5)
+    kw = dict(stride=(2, 1), padding=((1, 0), (2, 1)), dilation=(1, 2), bias=True)
+    first = mc.conv2d_mean_patch(x, (2, 3), **kw)
+    rows._GEOMETRY.clear()
+    np.testing.assert_array_equal(mc.conv2d_mean_patch(x, (2, 3), **kw), first)
+    np.testing.assert_allclose(first[:-1], mc.conv2d_rows(x, (2, 3), **kw).mean(axis=0)[:-1],
+                               rtol=1e-13)
+    mc.conv2d_mean_patch(x, (3, 1), bias=False)
+    with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
+        mc.conv2d_mean_patch(x, (3, True), bias=False)
+    with pytest.raises(ValueError, match="is smaller than the dilated kernel"):
+        mc.conv2d_mean_patch(np.ones((2, 3, 2, 2)), (3, 1), bias=False)
