@@ -63,18 +63,28 @@ def _max_abs(tensors: list) -> dict | None:
     return dict(zip(out, vals))
 
 
-def _growth(group: Mapping) -> float:
-    """A bound on |every value the update of ``group`` computes| / M, where M bounds |ĝ|, |p|
-    and |b| (:meth:`CurvatureOptimizer._bounded_step`): ĝ' = ĝ + wd·p, b' = μb + ĝ',
-    d = ĝ' + μb' (Nesterov), p' = (1 − η·wd)p − ηd, each bounded by the triangle inequality."""
+def _bounds(group: Mapping, g: float, p: float, b: float) -> tuple[float, float, float]:
+    """``(peak, p', b')`` for the update of ``group`` given g ≥ |ĝ|, p ≥ |p| and b ≥ |b|: bounds
+    on every value it computes, on the new |p| and on the new |b| (the triangle inequality per
+    rule): ĝ' = ĝ + wd·p, b' = μb + ĝ', d = ĝ' + μb' (Nesterov), p' = (1 − η·wd)p − ηd."""
     lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
     coupled = group["weight_decay_mode"] == "coupled"
-    gp = 1.0 + (wd if coupled else 0.0)
-    nbuf = mu + gp
-    d = gp + mu * nbuf if group["nesterov"] else nbuf
-    keep = 1.0 if coupled else max(1.0, abs(1.0 - lr * wd))
-    return max(gp, nbuf, d, keep + lr * d)
+    gp = g + (wd * p if coupled else 0.0)
+    bn = mu * b + gp
+    d = gp + mu * bn if group["nesterov"] else bn
+    kept = p if coupled else abs(1.0 - lr * wd) * p
+    pn = kept + lr * d
+    return max(gp, bn, d, p, kept, pn), pn, bn
 
+
+def _growth(group: Mapping) -> float:
+    """The peak of :func:`_bounds` relative to M when M bounds |ĝ|, |p| and |b| alike."""
+    return _bounds(group, 1.0, 1.0, 1.0)[0]
+
+
+# Accepted in-place steps between two measurements of |p| and |b|; in between, bounds carried
+# from the last measurement through each update stand in (CurvatureOptimizer._bounded_step).
+_REMEASURE = 64
 
 # torch's fused SGD kernel (``torch._fused_sgd_``, what ``torch.optim.SGD(fused=True)`` runs):
 # weight decay, momentum and the parameter update in one pass per tensor instead of four (a
@@ -158,6 +168,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._check_group(group)
         flat = [p for g in self.param_groups for p in g["params"]]
         self.preconditioner = make_preconditioner(params=flat)
+        # (signature, {(device, dtype): (bound on |p|, bound on |b|)}, steps since measured) of
+        # the last in-place update, or None (_bounded_step)
+        self._track: tuple | None = None
 
     @staticmethod
     def _check_group(group: Mapping) -> None:
@@ -176,6 +189,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._track = None
         if hasattr(self, "preconditioner"):
             self._check_group(self.param_groups[-1])
             # the new parameters' layers are preconditioned too (or listed as skipped, with why)
@@ -214,6 +228,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pre._commit(pending)
             for group in self.param_groups:
                 self._update_group(group)
+            if pre.on_nonfinite is not None and self._track is not None:
+                # the bounds of the values just written, valid until anything else writes them
+                self._track = (self._signature(), *self._track[1:])
             return loss
         plans = [self._plan_group(group) for group in self.param_groups]
         # finite new values imply finite momenta and preconditioned gradients (p - lr·b with a
@@ -244,37 +261,78 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _bounded_step(self, states: list) -> bool:
         """Whether the in-place update (:meth:`_update_group`) is certain to write finite values:
         every preconditioned gradient ĝ, parameter, momentum buffer and new state is finite and the
-        update cannot overflow. Decided from M, the largest magnitude among those tensors (per
-        device and dtype; read-only reductions, one host sync, nothing written): every value the
-        update computes is bounded by its arithmetic applied to M (``_growth``) and must stay
-        below 1/16 of the dtype's largest value. ``False`` (M not finite, the bound too large, a
-        sharded or sparse gradient): the caller takes the out-of-place path, which decides
-        exactly. This reads each tensor once instead of writing the new values out of place and
-        copying them back (docs/benchmarks.md)."""
-        tensors = [t for t in states if t is not None and t.is_floating_point()]
-        growth: dict[tuple, float] = {}
+        update cannot overflow. Decided from magnitudes per device and dtype (read-only
+        reductions, one host sync, nothing written): G, the largest |ĝ| and |state|, measured at
+        every step, and P and B bounding |p| and |b|; every value the update computes is bounded
+        by its arithmetic applied to them (:func:`_bounds`) and must stay below 1/16 of the
+        dtype's largest value. P and B are measured every ``_REMEASURE`` steps and whenever a
+        parameter or momentum buffer was written or replaced since the last step (torch's
+        version counter and data pointer); in between, the bounds of the last update stand in
+        (rounding included), so most steps read only the gradients. (Writes through ``.data``
+        bypass the version counter: they are seen at the next measurement.) ``False`` (a
+        magnitude not finite, the bound too large, a sharded or sparse gradient): the caller
+        takes the out-of-place path, which decides exactly (docs/numerics.md)."""
+        grads, params, keys = [], [], []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            factor = _growth(group)
-            for p in ps:
+            gkeys = set()
+            for p in group["params"]:
                 g = p.grad
+                if g is None:
+                    continue
                 if (g.is_sparse or g.requires_grad or distributed.is_sharded(p)
                         or distributed.is_sharded(g) or not p.is_floating_point()):
                     return False
-                b = self.state[p].get("momentum_buffer") if p in self.state else None
-                tensors += [g, p] + ([] if b is None else [b])
-                key = (p.device, p.dtype)
-                growth[key] = max(growth.get(key, 1.0), factor)
-        mags = _max_abs(tensors)
-        if mags is None:
-            return False
-        for (device, dtype), m in mags.items():
-            limit = torch.finfo(dtype).max / 16
-            if not m * growth.get((device, dtype), 1.0) < limit:  # (NaN compares False)
+                grads.append(g)
+                gkeys.add((p.device, p.dtype))
+            keys.append(gkeys)
+        sig = self._signature()
+        track = self._track
+        fresh = track is None or track[2] >= _REMEASURE or track[0] != sig
+        if fresh:
+            params = [p for g in self.param_groups for p in g["params"]]
+            bufs = [b for p in params if (b := self.state.get(p, {}).get("momentum_buffer")) is not None]
+            held = _max_abs([t for t in params + bufs if t.is_floating_point()])
+            if held is None:
+                self._track = None
                 return False
+            held = {k: (v, v) for k, v in held.items()}
+        else:
+            held = track[1]
+        mags = _max_abs(grads + [t for t in states if t is not None and t.is_floating_point()])
+        if mags is None:
+            self._track = None
+            return False
+        after = {}
+        for key in set(mags) | set(held) | {k for ks in keys for k in ks}:
+            g = mags.get(key, 0.0)
+            p, b = held.get(key, (0.0, 0.0))
+            limit = torch.finfo(key[1]).max / 16
+            if not (g < limit and p < limit and b < limit):  # (NaN compares False)
+                self._track = None
+                return False
+            peak, pn, bn = g, p, b
+            for group, gkeys in zip(self.param_groups, keys):
+                if key in gkeys:
+                    top, pg, bg = _bounds(group, g, p, b)
+                    peak, pn, bn = max(peak, top), max(pn, pg), max(bn, bg)
+            if not max(peak, pn, bn) < limit:
+                self._track = None
+                return False
+            grow = 1.0 + 16 * torch.finfo(key[1]).eps  # the update's rounding
+            after[key] = (pn * grow, bn * grow)
+        self._track = (None, after, 1 if fresh else track[2] + 1)
         return True
+
+    def _signature(self) -> list:
+        """(version, data pointer) of every parameter and momentum buffer: changes whenever one
+        is written in place (not through ``.data``) or replaced."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                b = self.state[p].get("momentum_buffer") if p in self.state else None
+                out.append((p._version, p.data_ptr(), -1 if b is None else b._version,
+                            0 if b is None else b.data_ptr()))
+        return out
 
     def _drop_reset_momenta(self) -> None:
         """Layers the preconditioner re-initialised (``reset_after``) restart their momenta too."""

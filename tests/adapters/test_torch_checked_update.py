@@ -249,3 +249,71 @@ def test_momentum_update_mixed_first_and_later_buffers():
         eps = torch.finfo(p.dtype).eps
         torch.testing.assert_close(got[i].double(), wp, rtol=16 * eps, atol=16 * eps)
         torch.testing.assert_close(bufs[i].double(), wb, rtol=16 * eps, atol=16 * eps)
+
+
+def test_bounds_worked_values():
+    """``_bounds(group, g, p, b)`` = (peak, p', b') by the triangle inequality per rule."""
+    base = dict(lr=0.1, momentum=0.9, weight_decay=0.5, nesterov=False, weight_decay_mode="coupled")
+    # ĝ' ≤ 2 + 0.5·3 = 3.5, b' ≤ 0.9·5 + 3.5 = 8, p' ≤ 3 + 0.1·8 = 3.8
+    assert opt_mod._bounds(base, 2.0, 3.0, 5.0) == pytest.approx((8.0, 3.8, 8.0))
+    # Nesterov: d ≤ 3.5 + 0.9·8 = 10.7, p' ≤ 3 + 1.07
+    assert opt_mod._bounds({**base, "nesterov": True}, 2.0, 3.0, 5.0) == pytest.approx((10.7, 4.07, 8.0))
+    # decoupled, η = 10: ĝ' = ĝ ≤ 2, b' ≤ 6.5, |1 − 5|·3 = 12, p' ≤ 12 + 65 = 77
+    dec = {**base, "lr": 10.0, "weight_decay_mode": "decoupled"}
+    assert opt_mod._bounds(dec, 2.0, 3.0, 5.0) == pytest.approx((77.0, 77.0, 6.5))
+
+
+def _held(opt):
+    """Measured max |p| and max |b| per (device, dtype)."""
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            b = opt.state[p].get("momentum_buffer") if p in opt.state else None
+            key = (p.device, p.dtype)
+            mp, mb = out.get(key, (0.0, 0.0))
+            out[key] = (max(mp, p.abs().max().item()),
+                        mb if b is None else max(mb, b.abs().max().item()))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["coupled", "decoupled", "nesterov", "groups"])
+def test_tracked_bounds_hold_and_spare_the_parameter_pass(variant, monkeypatch):
+    """Between two measurements the bounds carried through each update bound the real |p| and
+    |b| (large learning rate: they grow every step), the steps read only the gradients and
+    states, and P and B are measured again after ``_REMEASURE`` steps, after an in-place write
+    to a parameter and after a momentum buffer is replaced."""
+    monkeypatch.setattr(opt_mod, "_REMEASURE", 5)
+    kw = dict(lr=0.5, momentum=0.9, weight_decay=0.1)
+    rule = {"decoupled": {"weight_decay_mode": "decoupled"}, "nesterov": {"nesterov": True}}.get(variant, {})
+    model = _model()
+    params = (_groups(model, kw) if variant == "groups"
+              else [{"params": list(model.parameters()), **rule}])
+    opt = mt.MAC(model, params=params, t_cov=2, t_inv=3, **kw)
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    n_params = len(list(model.parameters()))
+    read = []
+    real = opt_mod._max_abs
+    monkeypatch.setattr(opt_mod, "_max_abs", lambda ts: (read.append(len(ts)), real(ts))[1])
+
+    def step():
+        read.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return read[0] if len(read) == 2 else None  # tensors of the p/b measurement, if any
+
+    measured = [step() for _ in range(12)]
+    # measured at step 1 and then every 5 steps (the buffers step 1 created are seen as its writes)
+    assert [m is not None for m in measured] == [i % 5 == 0 for i in range(12)]
+    assert measured[0] == n_params and measured[5] == 2 * n_params  # parameters (and buffers)
+    for key, (p, b) in _held(opt).items():
+        bp, bb = opt._track[1][key]
+        assert p <= bp and b <= bb
+        assert bp < 1e3 * max(p, 1.0)  # a bound, not a blow-up
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1.0  # an in-place write: seen
+    assert step() is not None
+    buf = opt.state[model[2].weight]
+    buf["momentum_buffer"] = buf["momentum_buffer"].clone()  # a replaced buffer: seen
+    assert step() is not None
+    assert step() is None
