@@ -275,21 +275,102 @@ def mac_rank1(xp: Any, gw: Array, gb: Array | None, a: Array, inv: Array, row_sc
                     np.multiply(bout, rs, out=bout)
         return out, bout
     if compat.is_torch_namespace(xp):
-        aw, ab = (a, None) if gb is None else (a[..., :n], a[..., n])
-        out, bout = rank1_split_torch_parts(gw, gb, aw, ab, aw, ab, inplace=inplace,
-                                            scale=inv.reshape(()) if a.ndim == 1 else inv)
-        if row_scale is not None:
-            per_row = getattr(row_scale, "ndim", 0) == 1
-            rw = row_scale.unsqueeze(1) if per_row else row_scale
-            if inplace:
-                out.mul_(rw)
-                if bout is not None:
-                    bout.mul_(row_scale)
-            else:
-                out = out * rw
-                bout = None if bout is None else bout * row_scale
-        return out, bout
+        return _mac_rank1_torch(gw, gb, *_torch_split(a, inv, n, gb is not None), row_scale,
+                                inplace=inplace)
     return None
+
+
+def _torch_split(a: Array, inv: Array, n: int, bias: bool) -> tuple[Array, Array | None, Array]:
+    """``(â's weight part, its bias entry or None, the scale)`` as the torch kernel takes them."""
+    aw, ab = (a[..., :n], a[..., n]) if bias else (a, None)
+    return aw, ab, (inv.reshape(()) if a.ndim == 1 else inv)
+
+
+def _mac_rank1_torch(gw: Array, gb: Array | None, aw: Array, ab: Array | None, scale: Array,
+                     row_scale: Any, *, inplace: bool) -> tuple[Array, Array | None]:
+    """The torch branch of :func:`mac_rank1` on â already split."""
+    out, bout = rank1_split_torch_parts(gw, gb, aw, ab, aw, ab, inplace=inplace, scale=scale)
+    if row_scale is not None:
+        per_row = getattr(row_scale, "ndim", 0) == 1
+        rw = row_scale.unsqueeze(1) if per_row else row_scale
+        if inplace:
+            out.mul_(rw)
+            if bout is not None:
+                bout.mul_(row_scale)
+        else:
+            out = out * rw
+            bout = None if bout is None else bout * row_scale
+    return out, bout
+
+
+# torch: a layer's prepared in-place MAC update (torch_mac_plan), keyed on its mean's identity,
+# with the versions of the mean and the gradient diagonal and the hyper-parameters it was made for.
+_PLANS: dict[int, tuple] = {}
+
+
+def torch_mac_plan(gw: Array, gb: Array | None, mean: Array, diag: Array | None, damping: Any,
+                   scale: str, prepare: Any) -> bool:
+    """Write MAC's preconditioned gradient into the torch tensors ``gw`` (any shape, contiguous:
+    flattened to ``[d_out, n]``) and ``gb`` with the factor, left scale and split of â prepared
+    once per state (``prepare(xp, sdt)`` → ``(a, inv, row_scale)``, what :func:`mac_rank1`'s
+    caller computes each call) and return ``True``; ``False`` (nothing written) for anything the
+    plan does not cover — other libraries, autograd or traced tensors, dtypes or devices that
+    differ from the state's, shapes that do not match it, the fast paths off — where the caller
+    takes its checked path. The kernels are :func:`mac_rank1`'s: the results are the same."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if (not FAST_PATHS or torch is None or type(gw) is not torch.Tensor
+            or type(mean) is not torch.Tensor or (gb is not None and type(gb) is not torch.Tensor)
+            or (diag is not None and type(diag) is not torch.Tensor)
+            or isinstance(damping, bool) or not isinstance(damping, (int, float))):
+        return False
+    key = (mean._version, None if diag is None else (id(diag), diag._version), float(damping), scale)
+    hit = _PLANS.get(id(mean))
+    if (hit is None or hit[0]() is not mean or hit[1] != key
+            or (hit[3] is not None and hit[3]() is not diag)):
+        plan = _torch_plan(torch, mean, diag, prepare)
+        if len(_PLANS) >= 1024:
+            for old in list(_PLANS)[:256]:
+                del _PLANS[old]
+        _PLANS[id(mean)] = hit = (weakref.ref(mean), key, plan,
+                                  None if diag is None else weakref.ref(diag))
+    plan = hit[2]
+    if plan is None:
+        return False
+    a, inv, row_scale, dt, dev, d_tilde, heads, splits = plan
+    d_out = gw.shape[0] if gw.ndim else 0
+    bias = gb is not None
+    n = d_tilde - bias
+    if (gw.dtype != dt or gw.device != dev or gw.requires_grad or not gw.is_contiguous()
+            or gw.ndim < 2 or gw.numel() != d_out * n or not d_out or d_out % heads
+            or (row_scale is not None and getattr(row_scale, "ndim", 0) == 1
+                and row_scale.shape[0] != d_out)
+            or (gb is not None and (gb.dtype != dt or gb.device != dev or gb.requires_grad
+                                    or tuple(gb.shape) != (d_out,)))
+            or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(gw)
+            or gw.is_inference()):
+        return False
+    split = splits.get(bias)
+    if split is None:
+        split = splits[bias] = _torch_split(a, inv, n, bias)
+    _mac_rank1_torch(gw.view(d_out, n), gb, *split, row_scale, inplace=True)
+    return True
+
+
+def _torch_plan(torch: Any, mean: Array, diag: Array | None, prepare: Any) -> tuple | None:
+    """``(a, inv, row_scale, dtype, device, d̃, heads, {bias: split of â})`` for
+    :func:`torch_mac_plan`, or ``None`` for a mean the plan does not cover."""
+    if (mean.dtype not in (torch.float32, torch.float64) or mean.ndim not in (1, 2)
+            or mean.requires_grad or torch.compiler.is_compiling() or mean.is_inference()
+            or torch._C._functorch.is_functorch_wrapped_tensor(mean)
+            or (diag is not None and (diag.dtype != mean.dtype or diag.device != mean.device
+                                      or diag.requires_grad or diag.ndim != 1))):
+        return None
+    xp = compat.array_namespace(mean)
+    a, inv, row_scale = prepare(xp, mean.dtype)
+    heads = 1 if mean.ndim == 1 else mean.shape[0]
+    return a, inv, row_scale, mean.dtype, mean.device, mean.shape[-1], heads, {}
 
 
 def shares_memory(xp: Any, view: Array, base: Array) -> bool:

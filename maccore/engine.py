@@ -49,6 +49,7 @@ from maccore.mac import (
     gradient_diagonal,
     mac,
     mac_apply_trusted,
+    mac_inplace_torch,
     mean_activation,
 )
 from maccore.rows import (
@@ -367,12 +368,17 @@ def apply_split(method: CurvatureMethod, spec: LayerSpec, state: Any, grad_weigh
     flattened to ``[d_out, d_in]``), returned in their shapes. ``inplace=True`` (NumPy, CuPy,
     torch) writes the result into the given arrays; MAC does so on its fast paths without
     forming the gradient matrix."""
+    mac = method.name in ("mac", "smac") and isinstance(state, MacState) and state.first_inv is None
+    if (mac and inplace and (grad_bias is not None or not spec.has_bias)
+            and mac_inplace_torch(grad_weight, grad_bias, state.mean_hat, state.diag_hat,
+                                  method.hyperparameters["damping"], method.hyperparameters["scale"])):
+        return grad_weight, grad_bias  # torch: the layer's prepared kernel, written in place
     xp = namespace(grad_weight=grad_weight, grad_bias=grad_bias, where="apply_split",
                    optional=("grad_bias",))
     wshape = tuple(grad_weight.shape)
     if spec.has_bias and grad_bias is None:
         grad_bias = xp.zeros((wshape[0],), dtype=grad_weight.dtype, device=device_of(grad_weight))
-    if method.name in ("mac", "smac") and isinstance(state, MacState) and state.first_inv is None:
+    if mac:
         w2 = xp.reshape(grad_weight, (wshape[0], -1))
         cfg = method.hyperparameters
         out = None

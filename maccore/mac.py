@@ -332,12 +332,7 @@ def _mac_apply_checked(xp: Any, grad_mat: Array, mean: Array, damping: Any,
                        sdt: Any) -> Any:
     """The computation of :func:`mac_apply` on checked arguments (``outs``: a pair or ``None``;
     ``sdt``: the statistics dtype)."""
-    a, inv = _delegate.memo_factor(xp, mean, damping, sdt, lambda: _mac_factor(xp, mean, damping, sdt))
-    # rows scaled from the left: 1/λ (inverse scale) and diag(1/(ẑ + λ)) (SMAC)
-    row_scale = None if scale == "reference" else 1.0 / damping
-    if grad_diag is not None:
-        z = 1.0 / (to_stats(xp, grad_diag, sdt) + damping)
-        row_scale = z if row_scale is None else z * row_scale
+    a, inv, row_scale = _mac_prepare(xp, mean, damping, grad_diag, scale, sdt)
     same = grad_mat.dtype == sdt and (grad_bias is None or grad_bias.dtype == sdt)
     inplace = outs is not None and outs[0] is grad_mat and (outs[1] is grad_bias) and same
     fast = None
@@ -359,6 +354,29 @@ def _mac_apply_checked(xp: Any, grad_mat: Array, mean: Array, damping: Any,
     elif outs is not None:
         w, b = outs
     return w if grad_bias is None else (w, b)
+
+
+def _mac_prepare(xp: Any, mean: Array, damping: Any, grad_diag: Array | None, scale: str,
+                 sdt: Any) -> tuple[Array, Array, Any]:
+    """``(a, inv, row_scale)`` of :func:`_mac_factor` and the rows' left scale: 1/λ (inverse
+    scale) and diag(1/(ẑ + λ)) (SMAC), ``None`` for neither."""
+    a, inv = _delegate.memo_factor(xp, mean, damping, sdt, lambda: _mac_factor(xp, mean, damping, sdt))
+    row_scale = None if scale == "reference" else 1.0 / damping
+    if grad_diag is not None:
+        z = 1.0 / (to_stats(xp, grad_diag, sdt) + damping)
+        row_scale = z if row_scale is None else z * row_scale
+    return a, inv, row_scale
+
+
+def mac_inplace_torch(grad_mat: Array, grad_bias: Array | None, mean: Array, grad_diag: Array | None,
+                      damping: Any, scale: str) -> bool:
+    """:func:`mac_apply` written into ``grad_mat`` / ``grad_bias`` for torch tensors through a
+    prepared plan (:func:`maccore._delegate.torch_mac_plan`: the factor, the left scale and the
+    split of â kept per state, with their tensors' versions); ``False`` (nothing written) where
+    the plan does not apply, and the caller takes the checked path. Same kernels, same results."""
+    return _delegate.torch_mac_plan(
+        grad_mat, grad_bias, mean, grad_diag, damping, scale,
+        lambda xp, sdt: _mac_prepare(xp, mean, damping, grad_diag, scale, sdt))
 
 
 def _mac_factor(xp: Any, mean: Array, damping: Any, sdt: Any) -> tuple[Array, Array]:

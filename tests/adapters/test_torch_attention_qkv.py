@@ -598,8 +598,9 @@ def test_attention_dropout_uses_the_weights_of_that_forward(tr):
 
 def test_report_deviations():
     """Prints the measured max relative deviations of the tests above (pytest -s)."""
-    if ERRORS:
-        worst = max(v for k, v in ERRORS.items() if "float32" not in k[0])
+    wide = [v for k, v in ERRORS.items() if "float32" not in k[0]]
+    if wide:  # (under pytest-xdist this worker may have run none of the float64 cases)
+        worst = max(wide)
         print("\nmax relative error vs float64 oracle:", f"{worst:.2e}",
               {"/".join(k): f"{v:.1e}" for k, v in sorted(ERRORS.items())})
         assert worst < TOL["rtol"] * 10

@@ -646,3 +646,113 @@ def test_data_parallel_statistics_equal_the_concatenated_batch(xp, dtype, name):
     if name == "smac":  # the negative control: the rank's rows as they are
         naive = across_ranks(1.0)
         assert_close(naive["diag"], world ** 2 * single["diag"], **tol(xp, dtype))
+
+
+def _torch_mac_state(method, spec, rng, heads=None):
+    """A refreshed MAC/SMAC state of ``spec`` in torch float32 (random statistics)."""
+    torch = pytest.importorskip("torch")
+    state = method.init(spec, xp=compat_torch(), dtype=torch.float32)
+    mean = torch.tensor(rng.standard_normal(tuple(state.mean.value.shape)), dtype=torch.float32)
+    stats = {"mean": mean}
+    if state.diag is not None:
+        stats["diag"] = torch.tensor(rng.random(spec.d_out) + 0.1, dtype=torch.float32)
+    return method.refresh(spec, method.update(spec, state, stats))
+
+
+def compat_torch():
+    import array_api_compat.torch as xp_torch
+
+    return xp_torch
+
+
+@pytest.mark.parametrize("variant", ["mac", "smac_inverse", "no_bias", "qkv_per_head", "conv"])
+def test_apply_split_torch_plan_equals_the_checked_path(variant, monkeypatch):
+    """torch, in place: the layer's prepared plan writes the same bits as the checked route
+    (``mac_apply_trusted``) for MAC, SMAC with the inverse scale, no bias, per-head qkv factors and
+    a conv weight; the plan is taken (the checked route is not reached)."""
+    torch = pytest.importorskip("torch")
+    import importlib
+
+    engine_mod = importlib.import_module("maccore.engine")
+    rng = np.random.default_rng(11)
+    bias = variant != "no_bias"
+    if variant == "qkv_per_head":
+        spec = mc.LayerSpec(mc.LayerKind.LINEAR, 8, 24, True, qkv=mc.QkvSpec(num_heads=2, mode="per_head"))
+        shape = (24, 8)
+    elif variant == "conv":
+        spec = mc.LayerSpec(mc.LayerKind.CONV2D, 12, 5, True, conv=mc.ConvSpec(kernel_size=(2, 2)))
+        shape = (5, 3, 2, 2)
+    else:
+        spec = mc.LayerSpec(mc.LayerKind.LINEAR, 7, 4, bias)
+        shape = (4, 7)
+    method = engine.mac_method(damping=0.3, diagonal=variant == "smac_inverse",
+                               scale="inverse" if variant == "smac_inverse" else "reference")
+    state = _torch_mac_state(method, spec, rng)
+    gw = torch.tensor(rng.standard_normal(shape), dtype=torch.float32)
+    gb = torch.tensor(rng.standard_normal(shape[0]), dtype=torch.float32) if bias else None
+    real = engine_mod.mac_apply_trusted
+    want_w, want_b = engine.apply_split(method, spec, state, gw.clone(),
+                                        None if gb is None else gb.clone())  # out of place: checked
+    monkeypatch.setattr(engine_mod, "mac_apply_trusted",
+                        lambda *a, **k: pytest.fail("the checked route ran"))
+    for _ in range(2):  # the plan is made, then reused
+        w, b = gw.clone(), None if gb is None else gb.clone()
+        got = engine.apply_split(method, spec, state, w, b, inplace=True)
+        assert got[0] is w and got[1] is b
+        assert torch.equal(w, want_w)
+        assert b is None or torch.equal(b, want_b)
+    monkeypatch.setattr(engine_mod, "mac_apply_trusted", real)
+
+
+def test_apply_split_torch_plan_follows_the_state():
+    """The plan is remade when â is written in place, when the state is new, when the damping
+    or the SMAC diagonal changes; gradients it does not cover (another dtype, not contiguous,
+    autograd, the fast paths off) take the checked route and give its results."""
+    torch = pytest.importorskip("torch")
+    from maccore import _delegate
+
+    rng = np.random.default_rng(12)
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, 6, 3, True)
+    method = engine.mac_method(damping=0.5, diagonal=True)
+    state = _torch_mac_state(method, spec, rng)
+    gw = torch.tensor(rng.standard_normal((3, 6)), dtype=torch.float32)
+    gb = torch.tensor(rng.standard_normal(3), dtype=torch.float32)
+
+    def both(method, state, gw=gw, gb=gb):
+        want = engine.apply_split(method, spec, state, gw.clone(), gb.clone())
+        w, b = gw.clone(), gb.clone()
+        engine.apply_split(method, spec, state, w, b, inplace=True)
+        torch.testing.assert_close(w, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(b, want[1], rtol=0, atol=0)
+        return w
+
+    first = both(method, state)
+    both(engine.mac_method(damping=0.5, diagonal=True, scale="inverse"), state)
+    both(method, state)
+    with torch.no_grad():
+        state.mean_hat.mul_(2.0)  # written in place: version bumped
+    assert not torch.equal(both(method, state), first)
+    state.diag_hat.add_(1.0)
+    both(method, state)
+    both(engine.mac_method(damping=2.0, diagonal=True), state)
+    both(method, _torch_mac_state(method, spec, rng))
+    # not covered: float64 gradients of a float32 state, a transposed view, the fast paths off
+    both(method, state, gw.double(), gb.double())
+    wt = torch.tensor(rng.standard_normal((6, 3)), dtype=torch.float32).t()
+    want = engine.apply_split(method, spec, state, wt.clone(), gb.clone())
+    w = wt.clone()
+    engine.apply_split(method, spec, state, w, gb.clone(), inplace=True)
+    torch.testing.assert_close(w, want[0], rtol=0, atol=0)
+    assert not _delegate.torch_mac_plan(wt, gb, state.mean_hat, state.diag_hat, 0.5, "reference",
+                                        lambda xp, sdt: pytest.fail("planned"))
+    g7 = torch.ones(3, 7, dtype=torch.float64)  # fits â without a bias, but not its dtype
+    assert not _delegate.torch_mac_plan(g7, None, state.mean_hat, state.diag_hat, 0.5, "reference",
+                                        lambda xp, sdt: pytest.fail("planned"))
+    _delegate.FAST_PATHS = False
+    try:
+        assert not _delegate.torch_mac_plan(gw.clone(), gb.clone(), state.mean_hat, state.diag_hat,
+                                            0.5, "reference", lambda xp, sdt: pytest.fail("planned"))
+    finally:
+        _delegate.FAST_PATHS = True
+    with pytest.raises(ValueError, match="does not match|shape"):  # a misfit: the checked errors
+        engine.apply_split(method, spec, state, torch.ones(3, 5), gb.clone(), inplace=True)
