@@ -333,7 +333,7 @@ def torch_mac_plan(gw: Array, gb: Array | None, mean: Array, diag: Array | None,
         if len(_PLANS) >= 1024:
             for old in list(_PLANS)[:256]:
                 del _PLANS[old]
-        _PLANS[id(mean)] = hit = (weakref.ref(mean), key, plan,
+        _PLANS[id(mean)] = hit = (weakref.ref(mean, _drop_plan(id(mean))), key, plan,
                                   None if diag is None else weakref.ref(diag))
     plan = hit[2]
     if plan is None:
@@ -356,6 +356,15 @@ def torch_mac_plan(gw: Array, gb: Array | None, mean: Array, diag: Array | None,
         split = splits[bias] = _torch_split(a, inv, n, bias)
     _mac_rank1_torch(gw.view(d_out, n), gb, *split, row_scale, inplace=True)
     return True
+
+
+def _drop_plan(key: int) -> Any:
+    """A weakref callback: the plan of a mean that is gone leaves with it (not a newer one)."""
+    def drop(ref: Any) -> None:
+        hit = _PLANS.get(key)
+        if hit is not None and hit[0] is ref:
+            del _PLANS[key]
+    return drop
 
 
 def _torch_plan(torch: Any, mean: Array, diag: Array | None, prepare: Any) -> tuple | None:

@@ -756,3 +756,22 @@ def test_apply_split_torch_plan_follows_the_state():
         _delegate.FAST_PATHS = True
     with pytest.raises(ValueError, match="does not match|shape"):  # a misfit: the checked errors
         engine.apply_split(method, spec, state, torch.ones(3, 5), gb.clone(), inplace=True)
+
+
+def test_apply_split_torch_plan_leaves_with_its_state():
+    """A plan holds the factor tensors of its state's â: it is dropped when that â is."""
+    torch = pytest.importorskip("torch")
+    import gc
+
+    from maccore import _delegate
+
+    rng = np.random.default_rng(13)
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, 5, 2, True)
+    method = engine.mac_method()
+    state = _torch_mac_state(method, spec, rng)
+    key = id(state.mean_hat)
+    engine.apply_split(method, spec, state, torch.ones(2, 5), torch.ones(2), inplace=True)
+    assert key in _delegate._PLANS
+    del state
+    gc.collect()
+    assert key not in _delegate._PLANS
