@@ -95,10 +95,16 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 _FUSED_TYPES = (torch.Tensor, nn.Parameter)
 
 
-def _fusable(p: torch.Tensor, g: torch.Tensor) -> bool:
-    return (type(p) in _FUSED_TYPES and type(g) is torch.Tensor and p.dtype in _FUSED_DTYPES
-            and p.device.type in ("cpu", "cuda") and g.dtype == p.dtype and g.device == p.device
-            and g.layout == torch.strided and p.stride() == g.stride())
+def _fusable(p: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch's fused kernel computes the update of ``p`` exactly: float32/float64 dense
+    tensors of one device, all three contiguous (or all channels-last) with the same strides —
+    the fused CPU kernel walks the three buffers in step, so mixed layouts would pair wrong
+    elements (measured: a channels-last parameter with a contiguous buffer)."""
+    return (type(p) in _FUSED_TYPES and type(g) is torch.Tensor and type(b) is torch.Tensor
+            and p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
+            and g.dtype == p.dtype == b.dtype and g.device == p.device == b.device
+            and g.layout == torch.strided == b.layout and p.stride() == g.stride() == b.stride()
+            and (p.is_contiguous() or (p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last))))
 
 
 def _momentum_update(group: Mapping, ps: list, gs: list, bufs: list, fresh: list[int]) -> None:
@@ -116,8 +122,8 @@ def _momentum_update(group: Mapping, ps: list, gs: list, bufs: list, fresh: list
     new = set(fresh)
     fused: dict[tuple, list[int]] = {}
     rest = []
-    for i, (p, g) in enumerate(zip(ps, gs)):
-        if mu != 0 and not (nesterov and i in new) and _fusable(p, g):
+    for i, (p, g, b) in enumerate(zip(ps, gs, bufs)):
+        if mu != 0 and not (nesterov and i in new) and _fusable(p, g, b):
             fused.setdefault((p.device, p.dtype, i in new), []).append(i)
         else:
             rest.append(i)

@@ -317,3 +317,32 @@ def test_tracked_bounds_hold_and_spare_the_parameter_pass(variant, monkeypatch):
     buf["momentum_buffer"] = buf["momentum_buffer"].clone()  # a replaced buffer: seen
     assert step() is not None
     assert step() is None
+
+
+@pytest.mark.parametrize("layout", ["channels_last_param", "channels_last_all", "strided_view"])
+def test_momentum_update_layouts(layout, monkeypatch):
+    """The fused kernel pairs the elements of the three buffers by position: a channels-last
+    parameter with a contiguous momentum buffer (e.g. one loaded from a checkpoint) or a
+    non-contiguous parameter takes the ``_foreach_*`` ops; three channels-last tensors take the
+    kernel; every case gives the float64 rule."""
+    gen = torch.Generator().manual_seed(5)
+    if layout == "strided_view":
+        p = torch.randn(6, 8, generator=gen)[:, ::2]
+        g, b = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    else:
+        cl = torch.channels_last
+        p = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=cl)
+        g = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=cl)
+        b = torch.randn(4, 3, 5, 5, generator=gen)
+        if layout == "channels_last_all":
+            b = b.to(memory_format=cl)
+    want = _oracle_update("coupled", False, p, g, b, 0.1, 0.9, 0.1)
+    calls = []
+    real = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    group = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=False, weight_decay_mode="coupled")
+    opt_mod._momentum_update(group, [p], [g], [b], [])
+    assert len(calls) == (1 if layout == "channels_last_all" else 0)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(p.double(), want[0], rtol=16 * eps, atol=16 * eps)
+    torch.testing.assert_close(b.double(), want[1], rtol=16 * eps, atol=16 * eps)
