@@ -74,6 +74,7 @@ __all__ = [
     "CurvatureMethod",
     "Stat",
     "all_finite",
+    "apply_gain_bound",
     "apply_split",
     "data_parallel_grad_scale",
     "first_layer_inverse",
@@ -396,6 +397,25 @@ def apply_split(method: CurvatureMethod, spec: LayerSpec, state: Any, grad_weigh
     mat = grad_matrix(grad_weight, grad_bias)
     w, b = split_grad_matrix(method.apply(spec, state, mat), wshape, bias=grad_bias is not None)
     return _write(xp, grad_weight, grad_bias, w, b) if inplace else (w, b)
+
+
+def apply_gain_bound(method: CurvatureMethod, spec: LayerSpec, state: Any) -> float | None:
+    """A bound κ on the entrywise growth of ``method.apply`` for the layer: every entry of the
+    preconditioned gradient (weight and bias, as :func:`apply_split` writes them) is at most
+    κ · max|G̃| for every finite ``state``, whatever its values; ``None`` where no bound is known
+    without reading the state (KFAC, SINGD, SMAC — its row scale 1/(ẑ + λ) reads ẑ —, MAC's fixed
+    first-layer inverse). A caller that knows max|G̃| can then bound the preconditioned gradient
+    without reading it.
+
+    MAC (rank-1 form): ĝ_ij = r·(G̃_ij − v_i·a_j / (λ + aᵀa)) with v = G̃a, so
+    |ĝ_ij| ≤ r·max|G̃|·(1 + ‖a‖₁‖a‖∞ / ‖a‖₂²) ≤ r·max|G̃|·(1 + √d̃) (‖a‖₁ ≤ √d̃‖a‖₂,
+    ‖a‖∞ ≤ ‖a‖₂; per head alike), r = 1 (``scale="reference"``) or 1/λ (``"inverse"``). Doubled
+    for rounding (the products are accumulated in the statistics dtype, at least float32)."""
+    if method.name != "mac" or not isinstance(state, MacState) or state.first_inv is not None:
+        return None
+    cfg = method.hyperparameters
+    rows = 1.0 if cfg["scale"] == "reference" else 1.0 / float(cfg["damping"])
+    return 2.0 * rows * (1.0 + math.sqrt(spec.d_tilde))
 
 
 def _write(xp: Any, grad_weight: Array, grad_bias: Array | None, w: Array, b: Array | None

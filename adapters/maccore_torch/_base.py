@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 import warnings
 from typing import Any, Iterable, Mapping
@@ -37,7 +38,7 @@ from maccore.engine import CurvatureMethod, apply_split, schedule
 
 from maccore_torch import distributed
 from maccore_torch.hooks import LayerCapture
-from maccore_torch.numerics import LossScale, all_finite
+from maccore_torch.numerics import LossScale, all_finite, max_abs
 from maccore_torch.optimizer import CurvatureOptimizer  # noqa: F401  (re-exported: portable.py)
 from maccore_torch.report import parameter_table
 from maccore_torch.specs import Layer, Skipped, UnsupportedLayerError, coverage, discover_layers
@@ -204,9 +205,11 @@ class _Pending:
     the indices of the layers whose state this step changed) and the preconditioned gradients."""
 
     def __init__(self, layers: list[Layer], states: list, updates: list[int], changed: set[int],
-                 check: list | None):
+                 check: list | None, raw: dict | None = None):
         self.layers, self.states, self.updates = layers, states, updates
         self.changed, self.check = changed, check
+        # {(device, dtype): max |x|} over the raw gradients and statistics (``_prepare(measure=True)``)
+        self.raw = raw
 
     def _layer_tensors(self, i: int, grads: bool = True) -> list:
         layer = self.layers[i]
@@ -436,18 +439,24 @@ class HookedPreconditioner:
         self._commit(pending)
         return True
 
-    def _prepare(self, check: Iterable[torch.Tensor] | None) -> _Pending | None:
+    def _prepare(self, check: Iterable[torch.Tensor] | None, measure: bool = False) -> _Pending | None:
         """The first half of a step: check gradients and statistics, compute the new states (not
         assigned yet) and precondition ``.grad``. ``None``: the step was skipped (non-finite
-        gradients or statistics)."""
+        gradients or statistics). ``measure``: the check reads their largest magnitudes too
+        (``_Pending.raw``, same single host sync) where it can."""
         collect, refresh = schedule(self._t, t_cov=self.t_cov, t_inv=self.t_inv)
         if collect:
             self._check_captured()
         stats = self._gather() if collect else [{} for _ in self.layers]
         check = None if check is None else list(check)
+        raw = None
         if self.on_nonfinite is not None:
             params = self._layer_params() if check is None else check
-            if not all_finite([p.grad for p in params] + [v for s in stats for v in s.values()]):
+            tensors = [p.grad for p in params] + [v for s in stats for v in s.values()]
+            raw = max_abs(tensors) if measure else None
+            finite = (all(math.isfinite(v) for v in raw.values()) if raw is not None
+                      else all_finite(tensors))
+            if not finite:
                 bad = self._data_offenders(stats) if self.reset_after is not None else []
                 self._skip(f"non-finite gradients or statistics at step {self.t}", check, bad)
                 return None
@@ -483,7 +492,7 @@ class HookedPreconditioner:
         for layer, state in zip(self.layers, states):
             with _layer_errors(self.method, layer):
                 self._precondition(layer, state)
-        return _Pending(self.layers, states, updates, changed, check)
+        return _Pending(self.layers, states, updates, changed, check, raw)
 
     def _commit(self, pending: _Pending) -> None:
         """The second half of an accepted step: assign the new states, advance :attr:`t`."""

@@ -153,16 +153,16 @@ class KFACPreconditioner(HookedPreconditioner):
         new = [p.grad for p in params]
         terms.append((params, kl_clip_inner(new, raw, lr=self._layer_lr(layer))))
 
-    def _prepare(self, check: Iterable[torch.Tensor] | None):
+    def _prepare(self, check: Iterable[torch.Tensor] | None, measure: bool = False):
         """The base step, and with ``kl_clip`` the preconditioned gradients of every layer scaled
         by the one factor ν of :func:`maccore.kfac.kl_clip_factor` (a device tensor, no sync)."""
         self.last_kl_scale = None
         if self.kl_clip is None:
-            return super()._prepare(check)
+            return super()._prepare(check, measure)
         self._kl_lrs = None
         self._kl_terms = []
         try:
-            pending = super()._prepare(check)
+            pending = super()._prepare(check, measure)
             terms = self._kl_terms
         finally:
             self._kl_terms = None

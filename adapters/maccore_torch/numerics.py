@@ -2,6 +2,8 @@
 
 - :func:`all_finite`: whether every gradient and statistic of a step is finite, with ONE host
   sync per step (``maccore.engine.all_finite`` semantics, fused per device and dtype);
+- :func:`max_abs`: the largest magnitude per device and dtype, with one host sync (the checked
+  optimizer step's bounds);
 - :func:`stats_mode`: no autograd and no autocast while statistics are computed (float32 or
   float64 statistics whatever the autocast dtype);
 - :class:`LossScale`: the ``torch.amp.GradScaler`` seen by the hooks — the loss scale of the
@@ -18,7 +20,7 @@ import torch
 
 import maccore
 
-__all__ = ["LossScale", "all_finite", "stats_mode"]
+__all__ = ["LossScale", "all_finite", "max_abs", "stats_mode"]
 
 
 def _fused_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -35,6 +37,45 @@ def _fused_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     except (NotImplementedError, RuntimeError, TypeError):  # device / dtype without the kernel
         return None
     return found == 0
+
+
+# Tensors with fewer elements are concatenated per device and dtype for one reduction (the
+# per-call overhead of a reduction outweighs copying them); larger ones are reduced in place.
+_SMALL = 1 << 16
+
+
+def max_abs(tensors: list) -> dict | None:
+    """``{(device, dtype): max |x|}`` over the floating tensors of ``tensors`` (``None`` skipped;
+    NaN where one holds a NaN, ``inf`` where one holds an Inf), read-only (``torch.aminmax``),
+    one host sync. ``None`` where a tensor cannot be reduced this way (sparse, a tensor subclass
+    such as FSDP2's DTensor, a device without the kernel)."""
+    groups: dict[tuple, list] = {}
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_sparse:
+            return None
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    out = {}
+    with torch.no_grad():
+        try:
+            for key, ts in groups.items():
+                small = [t.reshape(-1) for t in ts if t.numel() < _SMALL]
+                parts = [t for t in ts if t.numel() >= _SMALL]
+                if small:
+                    parts.append(torch.cat(small) if len(small) > 1 else small[0])
+                ext = [v for t in parts if t.numel() for v in torch.aminmax(t)]
+                if ext:
+                    out[key] = torch.stack(ext).abs().amax()
+            if len(out) == 1:
+                (key, v), = out.items()
+                return {key: v.item()}
+            # in float64 on the host: exact for every floating dtype (float32 would turn a
+            # finite float64 magnitude beyond its range into inf)
+            vals = torch.stack([v.to("cpu").double() for v in out.values()]).tolist() if out else []
+        except (NotImplementedError, RuntimeError, TypeError):  # a device / dtype without the kernel
+            return None
+    return dict(zip(out, vals))
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:

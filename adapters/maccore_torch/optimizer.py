@@ -15,8 +15,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+import maccore.engine
 from maccore_torch import distributed
-from maccore_torch.numerics import all_finite
+from maccore_torch.numerics import _SMALL, all_finite  # noqa: F401  (_SMALL: tests)
+from maccore_torch.numerics import max_abs as _max_abs
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -30,37 +32,6 @@ def _foreach_copy(dst: list, src: list) -> None:
             d.copy_(s)
     else:
         torch._foreach_copy_(dst, src)
-
-
-# Tensors with fewer elements are concatenated per device and dtype for one reduction (the
-# per-call overhead of a reduction outweighs copying them); larger ones are reduced in place.
-_SMALL = 1 << 16
-
-
-def _max_abs(tensors: list) -> dict | None:
-    """``{(device, dtype): max |x|}`` over ``tensors`` (NaN where one holds a NaN, ``inf`` where
-    one holds an Inf), read-only (``torch.aminmax``), one host sync. ``None`` where a tensor
-    cannot be reduced this way."""
-    groups: dict[tuple, list] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    out = {}
-    try:
-        for key, ts in groups.items():
-            small = [t.reshape(-1) for t in ts if t.numel() < _SMALL]
-            parts = [t for t in ts if t.numel() >= _SMALL]
-            if small:
-                parts.append(torch.cat(small) if len(small) > 1 else small[0])
-            ext = [v for t in parts if t.numel() for v in torch.aminmax(t)]
-            if ext:
-                out[key] = torch.stack(ext).abs().amax().float()
-        if len(out) == 1:
-            (key, v), = out.items()
-            return {key: v.item()}
-        vals = torch.stack([v.to("cpu") for v in out.values()]).tolist() if out else []
-    except (NotImplementedError, RuntimeError, TypeError):  # a device / dtype without the kernel
-        return None
-    return dict(zip(out, vals))
 
 
 def _bounds(group: Mapping, g: float, p: float, b: float) -> tuple[float, float, float]:
@@ -177,6 +148,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # (signature, {(device, dtype): (bound on |p|, bound on |b|)}, steps since measured) of
         # the last in-place update, or None (_bounded_step)
         self._track: tuple | None = None
+        # {id(layer): (â, its version)} of MAC states known to be finite (_bounded_step)
+        self._finite: dict[int, tuple] = {}
 
     @staticmethod
     def _check_group(group: Mapping) -> None:
@@ -224,13 +197,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"]]
         pre = self.preconditioner
-        pending = pre._prepare(params)
+        pending = pre._prepare(params, measure=pre.on_nonfinite is not None)
         if pending is None:
             self._drop_reset_momenta()
             return loss
         # in place: without checks (no device sync), or when a magnitude bound proves the new
         # values finite (one sync); otherwise out of place below, decided exactly
-        if pre.on_nonfinite is None or self._bounded_step(pending.checked(grads=False)):
+        if pre.on_nonfinite is None or self._bounded_step(pending.checked(grads=False), pending):
             pre._commit(pending)
             for group in self.param_groups:
                 self._update_group(group)
@@ -264,21 +237,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 _foreach_copy(olds, news)
         return loss
 
-    def _bounded_step(self, states: list) -> bool:
+    def _bounded_step(self, states: list, pending: Any = None) -> bool:
         """Whether the in-place update (:meth:`_update_group`) is certain to write finite values:
         every preconditioned gradient ĝ, parameter, momentum buffer and new state is finite and the
         update cannot overflow. Decided from magnitudes per device and dtype (read-only
-        reductions, one host sync, nothing written): G, the largest |ĝ| and |state|, measured at
-        every step, and P and B bounding |p| and |b|; every value the update computes is bounded
-        by its arithmetic applied to them (:func:`_bounds`) and must stay below 1/16 of the
-        dtype's largest value. P and B are measured every ``_REMEASURE`` steps and whenever a
-        parameter or momentum buffer was written or replaced since the last step (torch's
-        version counter and data pointer); in between, the bounds of the last update stand in
-        (rounding included), so most steps read only the gradients. (Writes through ``.data``
-        bypass the version counter: they are seen at the next measurement.) ``False`` (a
-        magnitude not finite, the bound too large, a sharded or sparse gradient): the caller
-        takes the out-of-place path, which decides exactly (docs/numerics.md)."""
-        grads, params, keys = [], [], []
+        reductions, at most one host sync, nothing written): G bounding |ĝ| and |state|, and P
+        and B bounding |p| and |b|; every value the update computes is bounded by its arithmetic
+        applied to them (:func:`_bounds`) and must stay below 1/16 of the dtype's largest value.
+
+        G: the new states (of the layers this step changed) are measured; so are the
+        preconditioned gradients, except where the raw gradients' largest magnitude (read by the
+        step's first check, ``pending.raw``) bounds them — gradients left as they are (κ = 1) and
+        layers whose method bounds its growth κ (:func:`maccore.engine.apply_gain_bound`: MAC)
+        with a state known to be finite (measured when it was made, or through its gradients) —
+        so on most steps of a MAC model nothing is read here. P and B are measured every
+        ``_REMEASURE`` steps and whenever a parameter or momentum buffer was written or replaced
+        since the last step (torch's version counter and data pointer); in between, the bounds
+        of the last update stand in (rounding included). (Writes through ``.data`` bypass the
+        version counter: they are seen at the next measurement.) ``False`` (a magnitude not
+        finite, the bound too large, a sharded or sparse gradient): the caller takes the
+        out-of-place path, which decides exactly (docs/numerics.md)."""
+        keys = []
         for group in self.param_groups:
             gkeys = set()
             for p in group["params"]:
@@ -288,26 +267,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if (g.is_sparse or g.requires_grad or distributed.is_sharded(p)
                         or distributed.is_sharded(g) or not p.is_floating_point()):
                     return False
-                grads.append(g)
                 gkeys.add((p.device, p.dtype))
             keys.append(gkeys)
+        raw = None if pending is None else pending.raw
+        gain: dict[tuple, float] = {}  # per key: the largest κ of the gradients bounded by raw
+        measure, trusted = self._gradients_to_measure(pending, gain, states) if raw is not None \
+            else ([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], [])
         sig = self._signature()
         track = self._track
         fresh = track is None or track[2] >= _REMEASURE or track[0] != sig
         if fresh:
             params = [p for g in self.param_groups for p in g["params"]]
             bufs = [b for p in params if (b := self.state.get(p, {}).get("momentum_buffer")) is not None]
-            held = _max_abs([t for t in params + bufs if t.is_floating_point()])
+            held = _max_abs(params + bufs)
             if held is None:
                 self._track = None
                 return False
             held = {k: (v, v) for k, v in held.items()}
         else:
             held = track[1]
-        mags = _max_abs(grads + [t for t in states if t is not None and t.is_floating_point()])
+        read = measure + [t for t in states if t is not None]
+        mags = _max_abs(read) if read else {}
         if mags is None:
             self._track = None
             return False
+        for key, m in (raw or {}).items():  # gradients bounded by the step's first check
+            mags[key] = max(mags.get(key, 0.0), m * gain.get(key, 1.0))
         after = {}
         for key in set(mags) | set(held) | {k for ks in keys for k in ks}:
             g = mags.get(key, 0.0)
@@ -327,7 +312,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             grow = 1.0 + 16 * torch.finfo(key[1]).eps  # the update's rounding
             after[key] = (pn * grow, bn * grow)
         self._track = (None, after, 1 if fresh else track[2] + 1)
+        for layer, mean in trusted:  # finite now: measured, or behind finite gradients
+            self._finite[id(layer)] = (mean, mean._version)
         return True
+
+    def _gradients_to_measure(self, pending: Any, gain: dict, states: list) -> tuple[list, list]:
+        """``(gradients whose |ĝ| must be read, [(layer, â) known finite once this step's check
+        passes])`` for :meth:`_bounded_step`; fills ``gain`` with the largest κ per key of the
+        layers whose ĝ the raw magnitudes bound instead."""
+        pre = self.preconditioner
+        measure, trusted = [], []
+        for i, layer in enumerate(pre.layers):
+            grads = [p.grad for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+            if not grads:
+                continue
+            state = pending.states[i]
+            kappa = maccore.engine.apply_gain_bound(pre.curvature, layer.spec, state)
+            mean = getattr(state, "mean_hat", None)
+            known = self._finite.get(id(layer))
+            finite = i in pending.changed or (known is not None and known[0] is mean
+                                              and known[1] == mean._version)
+            if kappa is None or not finite:
+                measure += grads
+            else:
+                key = (layer.weight.device, layer.weight.dtype)
+                gain[key] = max(gain.get(key, 1.0), kappa)
+            if kappa is not None:
+                trusted.append((layer, mean))
+        return measure, trusted
 
     def _signature(self) -> list:
         """(version, data pointer) of every parameter and momentum buffer: changes whenever one

@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 
 import maccore_torch as mt  # noqa: E402
 from maccore_torch import optimizer as opt_mod  # noqa: E402
+from maccore import engine as maccore_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,7 +79,7 @@ def test_checked_step_equals_unchecked_step_bit_for_bit(method, variant):
         opt.preconditioner.on_nonfinite = checked
         taken = []
         if not bounded:  # force the out-of-place path
-            opt._bounded_step = lambda states: False
+            opt._bounded_step = lambda *args: False
         for _ in range(7):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -291,16 +292,18 @@ def test_tracked_bounds_hold_and_spare_the_parameter_pass(variant, monkeypatch):
     opt = mt.MAC(model, params=params, t_cov=2, t_inv=3, **kw)
     x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
     n_params = len(list(model.parameters()))
+    ids = {id(p) for p in model.parameters()}
     read = []
     real = opt_mod._max_abs
-    monkeypatch.setattr(opt_mod, "_max_abs", lambda ts: (read.append(len(ts)), real(ts))[1])
+    monkeypatch.setattr(opt_mod, "_max_abs", lambda ts: (read.append(list(ts)), real(ts))[1])
 
     def step():
         read.clear()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        return read[0] if len(read) == 2 else None  # tensors of the p/b measurement, if any
+        pb = [ts for ts in read if any(id(t) in ids for t in ts)]  # the p/b measurement, if any
+        return len(pb[0]) if pb else None
 
     measured = [step() for _ in range(12)]
     # measured at step 1 and then every 5 steps (the buffers step 1 created are seen as its writes)
@@ -346,3 +349,77 @@ def test_momentum_update_layouts(layout, monkeypatch):
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(p.double(), want[0], rtol=16 * eps, atol=16 * eps)
     torch.testing.assert_close(b.double(), want[1], rtol=16 * eps, atol=16 * eps)
+
+
+def test_mac_gain_bound_spares_the_gradient_pass(monkeypatch):
+    """MAC: on a step that changes no state, the raw gradients' magnitudes (read by the step's
+    first check) times the layers' gain bound replace reading the preconditioned gradients, so
+    the checked step reads nothing more; the bound holds for the gradients it replaces; a state
+    that was never seen finite (here: put in place by hand, as a load would) is read through its
+    gradients first, and a NaN there is skipped exactly."""
+    monkeypatch.setattr(opt_mod, "_REMEASURE", 10**6)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 20), nn.LayerNorm(20), nn.Linear(20, 3))
+    opt = mt.MAC(model, lr=0.05, momentum=0.9, weight_decay=1e-2, t_cov=3, t_inv=3)
+    pre = opt.preconditioner
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 3
+    reads, raws = [], []
+    real_max, real_prepare = opt_mod._max_abs, pre._prepare
+    monkeypatch.setattr(opt_mod, "_max_abs", lambda ts: (reads.append(len(ts)), real_max(ts))[1])
+
+    def prepare(check, measure=False):
+        pending = real_prepare(check, measure)
+        raws.append(None if pending is None else dict(pending.raw))
+        return pending
+
+    monkeypatch.setattr(pre, "_prepare", prepare)
+
+    def step():
+        reads.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return list(reads)
+
+    seen = [step() for _ in range(7)]
+    # steps 1, 4, 7 collect statistics and refresh (t_cov = t_inv = 3): new states are read;
+    # step 1 also measures p and b; steps 2, 3, 5, 6 read nothing
+    assert [bool(r) for r in seen] == [True, False, False, True, False, False, True]
+    key = (torch.device("cpu"), torch.float32)
+    kappa = max(maccore_engine.apply_gain_bound(pre.curvature, l.spec, l.state) for l in pre.layers)
+    for p in model.parameters():  # .grad holds ĝ after the step: within the bound used
+        assert p.grad.abs().max().item() <= raws[-1][key] * kappa
+    layer = pre.layers[1]
+    layer.state = layer.state._replace(mean_hat=torch.full_like(layer.state.mean_hat, float("nan")))
+    params = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    t = opt.t
+    with pytest.warns(RuntimeWarning, match="non-finite preconditioner or update"):
+        assert step()  # read: a state not seen finite
+    assert opt.t == t
+    for p, v, b in zip(model.parameters(), params, bufs):
+        assert torch.equal(p, v) and torch.equal(opt.state[p]["momentum_buffer"], b)
+
+
+def test_mac_gain_bound_catches_what_the_raw_magnitudes_alone_would_miss():
+    """Raw gradients of magnitude max/20 (below the in-place limit max/16) whose preconditioned
+    gradient overflows (v = G̃â with ‖â‖₁ = 64): the gain bound sends the step to the exact
+    path, which skips it; an in-place write of a trusted â is read again (its version)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2, bias=False))
+    opt = mt.MAC(model, lr=1.0, momentum=0.0, weight_decay=0.0, t_cov=1000, t_inv=1000)
+    layer = opt.preconditioner.layers[0]
+    assert _hand_step(model, opt, [torch.ones(2, 64)]) == (True, [])  # step 0 refreshes â
+    layer.state = layer.state._replace(mean_hat=torch.ones(64))
+    ok, msgs = _hand_step(model, opt, [torch.ones(2, 64)])
+    assert ok and not msgs and opt._finite[id(layer)][0] is layer.state.mean_hat  # read once
+    big = torch.full((2, 64), torch.finfo(torch.float32).max / 20)
+    before = [p.detach().clone() for p in model.parameters()]
+    ok, msgs = _hand_step(model, opt, [big])
+    assert not ok and any("non-finite preconditioner or update" in m for m in msgs), msgs
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with torch.no_grad():
+        layer.state.mean_hat[0] = float("nan")  # in place: no longer known finite
+    ok, msgs = _hand_step(model, opt, [torch.ones(2, 64)])
+    assert not ok and any("non-finite preconditioner or update" in m for m in msgs), msgs
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -775,3 +775,39 @@ def test_apply_split_torch_plan_leaves_with_its_state():
     del state
     gc.collect()
     assert key not in _delegate._PLANS
+
+
+@pytest.mark.parametrize("scale", ["reference", "inverse"])
+@pytest.mark.parametrize("heads", [None, 2])
+def test_apply_gain_bound_holds(scale, heads):
+    """max|ĝ| ≤ κ·max|G̃| (float64) for random and adversarial â and G̃ — a single large entry of
+    â, â along G̃'s rows, a zero â — with and without per-head factors; ``None`` for SMAC, KFAC,
+    SINGD and a fixed first-layer inverse."""
+    rng = np.random.default_rng(14)
+    d_in, d_out = 9, 6
+    qkv = None if heads is None else mc.QkvSpec(num_heads=heads, mode="per_head")
+    spec = mc.LayerSpec(mc.LayerKind.LINEAR, d_in, 3 * d_out if qkv else d_out, True, qkv=qkv)
+    method = engine.mac_method(damping=0.05, scale=scale)
+    state = method.init(spec, xp=np, dtype=np.float64)
+    kappa = engine.apply_gain_bound(method, spec, state)
+    assert kappa == pytest.approx(2 * (1 if scale == "reference" else 20) * (1 + np.sqrt(d_in + 1)))
+    shape = tuple(state.mean_hat.shape)
+    spiky = np.zeros(shape)
+    spiky[..., 0] = 1e3
+    for mean in (rng.standard_normal(shape), spiky, np.zeros(shape), np.ones(shape) * 1e-4):
+        st = state._replace(mean_hat=mean)
+        for _ in range(20):
+            g = rng.standard_normal((spec.d_out, d_in + 1)) * rng.choice([1e-3, 1.0, 1e3])
+            if rng.random() < 0.5:  # rows aligned with â (the largest v)
+                a = mean if mean.ndim == 1 else mean[0]
+                g = np.sign(a + 1e-300)[None, :] * np.abs(g)
+            w, b = engine.apply_split(method, spec, st, g[:, :d_in].copy(), g[:, d_in].copy())
+            got = max(np.abs(w).max(), np.abs(b).max())
+            assert got <= kappa / 2 * np.abs(g).max() * (1 + 1e-12)
+    smac = engine.mac_method(diagonal=True)
+    assert engine.apply_gain_bound(smac, spec, smac.init(spec, xp=np, dtype=np.float64)) is None
+    for other in (engine.kfac_method(), engine.singd_method()):
+        assert engine.apply_gain_bound(other, LIN, other.init(LIN, xp=np, dtype=np.float64)) is None
+    first = engine.with_first_layer(state, np.eye(d_in + 1)) if heads is None else None
+    if first is not None:
+        assert engine.apply_gain_bound(method, spec, first) is None
