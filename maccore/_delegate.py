@@ -6,6 +6,7 @@ Each function takes the namespace first and falls back to a standard-only implem
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any
@@ -317,8 +318,6 @@ def torch_mac_plan(gw: Array, gb: Array | None, mean: Array, diag: Array | None,
     plan does not cover — other libraries, autograd or traced tensors, dtypes or devices that
     differ from the state's, shapes that do not match it, the fast paths off — where the caller
     takes its checked path. The kernels are :func:`mac_rank1`'s: the results are the same."""
-    import sys
-
     torch = sys.modules.get("torch")
     if (not FAST_PATHS or torch is None or type(gw) is not torch.Tensor
             or type(mean) is not torch.Tensor or (gb is not None and type(gb) is not torch.Tensor)

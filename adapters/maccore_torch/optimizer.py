@@ -17,7 +17,7 @@ from torch import nn
 
 import maccore.engine
 from maccore_torch import distributed
-from maccore_torch.numerics import _SMALL, all_finite  # noqa: F401  (_SMALL: tests)
+from maccore_torch.numerics import all_finite
 from maccore_torch.numerics import max_abs as _max_abs
 
 __all__ = ["CurvatureOptimizer"]
@@ -46,11 +46,6 @@ def _bounds(group: Mapping, g: float, p: float, b: float) -> tuple[float, float,
     kept = p if coupled else abs(1.0 - lr * wd) * p
     pn = kept + lr * d
     return max(gp, bn, d, p, kept, pn), pn, bn
-
-
-def _growth(group: Mapping) -> float:
-    """The peak of :func:`_bounds` relative to M when M bounds |ĝ|, |p| and |b| alike."""
-    return _bounds(group, 1.0, 1.0, 1.0)[0]
 
 
 # Accepted in-place steps between two measurements of |p| and |b|; in between, bounds carried
@@ -106,10 +101,9 @@ def _momentum_update(group: Mapping, ps: list, gs: list, bufs: list, fresh: list
         return
     ps, gs, bufs = [ps[i] for i in rest], [gs[i] for i in rest], [bufs[i] for i in rest]
     first = [k for k, i in enumerate(rest) if i in new]
+    old = [k for k, i in enumerate(rest) if i not in new]
     if coupled and wd != 0:
         gs = list(torch._foreach_add(gs, ps, alpha=wd))
-    firsts = set(first)
-    old = [k for k in range(len(rest)) if k not in firsts]
     if first:
         _foreach_copy([bufs[k] for k in first], [gs[k] for k in first])
     if old:
@@ -271,14 +265,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             keys.append(gkeys)
         raw = None if pending is None else pending.raw
         gain: dict[tuple, float] = {}  # per key: the largest κ of the gradients bounded by raw
-        measure, trusted = self._gradients_to_measure(pending, gain, states) if raw is not None \
+        measure, trusted = self._gradients_to_measure(pending, gain) if raw is not None \
             else ([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], [])
         sig = self._signature()
         track = self._track
         fresh = track is None or track[2] >= _REMEASURE or track[0] != sig
         if fresh:
             params = [p for g in self.param_groups for p in g["params"]]
-            bufs = [b for p in params if (b := self.state.get(p, {}).get("momentum_buffer")) is not None]
+            bufs = [b for p in params if (b := self._buffer(p)) is not None]
             held = _max_abs(params + bufs)
             if held is None:
                 self._track = None
@@ -316,7 +310,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._finite[id(layer)] = (mean, mean._version)
         return True
 
-    def _gradients_to_measure(self, pending: Any, gain: dict, states: list) -> tuple[list, list]:
+    def _gradients_to_measure(self, pending: Any, gain: dict) -> tuple[list, list]:
         """``(gradients whose |ĝ| must be read, [(layer, â) known finite once this step's check
         passes])`` for :meth:`_bounded_step`; fills ``gain`` with the largest κ per key of the
         layers whose ĝ the raw magnitudes bound instead."""
@@ -341,13 +335,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 trusted.append((layer, mean))
         return measure, trusted
 
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s momentum buffer, ``None`` before its first step (nothing added to the state)."""
+        state = self.state.get(p)
+        return None if state is None else state.get("momentum_buffer")
+
     def _signature(self) -> list:
         """(version, data pointer) of every parameter and momentum buffer: changes whenever one
         is written in place (not through ``.data``) or replaced."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
-                b = self.state[p].get("momentum_buffer") if p in self.state else None
+                b = self._buffer(p)
                 out.append((p._version, p.data_ptr(), -1 if b is None else b._version,
                             0 if b is None else b.data_ptr()))
         return out
@@ -363,7 +362,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """:meth:`_update_group` out of place: ``(params, new values, new momentum buffers)``,
         the same arithmetic (the same kernels, on copies), nothing written."""
         ps = [p for p in group["params"] if p.grad is not None]
-        olds = [self.state[p].get("momentum_buffer") if p in self.state else None for p in ps]
+        olds = [self._buffer(p) for p in ps]
         values = [p.detach().clone() for p in ps]
         bufs = [torch.empty_like(p.grad) if b is None else b.clone() for p, b in zip(ps, olds)]
         _momentum_update(group, values, [p.grad for p in ps], bufs,

@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import maccore_torch as mt  # noqa: E402
+from maccore_torch import numerics  # noqa: E402
 from maccore_torch import optimizer as opt_mod  # noqa: E402
 from maccore import engine as maccore_engine  # noqa: E402
 
@@ -156,24 +157,29 @@ def test_non_finite_parameters_or_momenta_fail_the_bound(bad):
     _equal(_state(opt), before)
 
 
+def _peak(group):
+    """The peak of ``_bounds`` relative to M when M bounds |ĝ|, |p| and |b| alike."""
+    return opt_mod._bounds(group, 1.0, 1.0, 1.0)[0]
+
+
 def test_growth_bounds_every_intermediate():
-    """``_growth`` bounds |ĝ'|, |b'|, |d| and |p'| relative to M for each rule (worked values)."""
+    """``_bounds`` with g = p = b = 1 bounds |ĝ'|, |b'|, |d| and |p'| relative to M for each rule (worked values)."""
     base = dict(lr=0.1, momentum=0.9, weight_decay=0.5, nesterov=False, weight_decay_mode="coupled")
     # coupled: ĝ' ≤ 1.5M, b' ≤ 0.9M + 1.5M = 2.4M, p' ≤ M + 0.1·2.4M = 1.24M  -> 2.4
-    assert opt_mod._growth(base) == pytest.approx(2.4)
+    assert _peak(base) == pytest.approx(2.4)
     # nesterov: d ≤ 1.5 + 0.9·2.4 = 3.66; p' ≤ 1 + 0.366 -> 3.66
-    assert opt_mod._growth({**base, "nesterov": True}) == pytest.approx(3.66)
+    assert _peak({**base, "nesterov": True}) == pytest.approx(3.66)
     # a large learning rate: p' ≤ M + 10·2.4M = 25M
-    assert opt_mod._growth({**base, "lr": 10.0}) == pytest.approx(25.0)
+    assert _peak({**base, "lr": 10.0}) == pytest.approx(25.0)
     # decoupled: ĝ' = ĝ, b' ≤ 1.9M; |1 − 10·0.5| = 4 -> p' ≤ 4M + 10·1.9M = 23M
-    assert opt_mod._growth({**base, "lr": 10.0, "weight_decay_mode": "decoupled"}) == pytest.approx(23.0)
+    assert _peak({**base, "lr": 10.0, "weight_decay_mode": "decoupled"}) == pytest.approx(23.0)
 
 
 def test_max_abs_groups_small_and_large_tensors():
     """``_max_abs``: the exact largest magnitude per dtype, small tensors pooled, large ones
     reduced alone; NaN and Inf reported."""
     small = [torch.tensor([1.0, -3.0]), torch.tensor([2.5])]
-    large = torch.zeros(opt_mod._SMALL + 1)
+    large = torch.zeros(numerics._SMALL + 1)
     large[7] = -4.5
     d64 = torch.tensor([-7.0], dtype=torch.float64)
     got = opt_mod._max_abs(small + [large, d64, torch.zeros(0)])
