@@ -196,6 +196,22 @@ def rank1_rows_blas1(g: Array, a: Array, coef: Array, out: Array, **kw: Any) -> 
         rank1_rows_numpy(g, a, coef, out, **kw)
 
 
+def inverse_unchecked(xp: Any, x: Array) -> Array:
+    """``x⁻¹`` of a square matrix without reading anything on the host; where the inverse does
+    not exist the result is not finite (NaN, or the library's infinities). torch:
+    ``linalg.inv_ex`` with its status applied on the device (its ``linalg.inv`` reads the status:
+    a device synchronisation on GPUs); a library that raises instead (NumPy): NaN."""
+    if compat.is_torch_namespace(xp):
+        import torch
+
+        inv, info = torch.linalg.inv_ex(x, check_errors=False)
+        return torch.where(info == 0, inv, torch.full_like(inv, float("nan")))
+    try:
+        return xp.linalg.inv(x)
+    except Exception:  # numpy.linalg.LinAlgError and the like: singular
+        return xp.full_like(x, float("nan"))
+
+
 def softmax_last(xp: Any, x: Array) -> Array | None:
     """The backend's fused softmax over the last axis (torch, JAX), or ``None`` where the standard
     has to compose it (the caller's max / exp / sum / divide path)."""

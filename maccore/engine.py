@@ -41,7 +41,7 @@ from maccore._xp import (
     namespace,
     shape_str,
 )
-from maccore.kfac import damped_inverse, gradient_factor, input_factor, kfac
+from maccore.kfac import KfacState, damped_inverse, gradient_factor, input_factor, kfac
 from maccore.mac import (
     MAC_SCALES,
     MacState,
@@ -286,7 +286,10 @@ class CurvatureMethod(NamedTuple):
       pooled statistics of one step → what ``update`` takes; devices average values by weight.
     - ``update(spec, state, stats, *, lr_cov=None) -> state``: fold one step's statistics (needs
       every key of ``keys(spec, state)``; otherwise the state is returned unchanged).
-    - ``refresh(spec, state) -> state``: rebuild the cache ``apply`` reads.
+    - ``refresh(spec, state, *, checked=True) -> state``: rebuild the cache ``apply`` reads;
+      ``checked=False``: read nothing on the host (no device synchronisation) — what does not
+      invert comes out non-finite instead of being retried or raising (KFAC; the others read
+      nothing either way).
     - ``apply(spec, state, grad_mat) -> grad_mat``: ``[d_out, d̃]``, bias column last.
     - ``curvature_dense(spec, state)``: the damped curvature whose inverse ``apply`` multiplies
       with; ``preconditioner_dense(spec, state)``: the matrix ``P`` with
@@ -305,6 +308,10 @@ class CurvatureMethod(NamedTuple):
       over the ranks) the effective loss is the global mean, whose output gradient is the rank's
       ``g / W``: a method with this flag must see its rows divided by W to match one process on
       the concatenated batch. Adapters pass ``grad_scale=``:func:`data_parallel_grad_scale`.
+    - ``refresh_can_fail`` (default ``False``): whether ``refresh(..., checked=False)`` can leave
+      a non-finite cache that a checked refresh would repair or report (KFAC's inverses and
+      eigendecompositions: the float64 retry, :class:`maccore.DecompositionError`). Adapters that
+      check a step read such caches once after an unchecked refresh and redo the failures.
     """
 
     name: str
@@ -324,6 +331,7 @@ class CurvatureMethod(NamedTuple):
     templates: Callable[..., dict]
     hyperparameters: Mapping[str, Any]
     grad_stats_scale_with_loss: bool = False
+    refresh_can_fail: bool = False
 
 
 def data_parallel_grad_scale(method: CurvatureMethod, world_size: Any,
@@ -568,7 +576,8 @@ def mac_method(*, stat_decay: float = 0.95, damping: float = 1.0, scale: str = "
             return state
         return core(spec).update(state, mean=stats["mean"], grad_diag=stats.get("diag"))
 
-    def refresh(spec, state):
+    def refresh(spec, state, *, checked=True):
+        del checked  # nothing to read: the debiased running averages
         return core(spec).refresh(state)
 
     def apply(spec, state, grad_mat):
@@ -661,18 +670,28 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
             return state
         return pc.update(state, A=stats["A"], G=stats["G"])
 
-    def refresh(spec, state):
-        if _known_zero(state.a.count):  # never observed: nothing to invert
-            return state
-        return pc.refresh(state)
+    def refresh(spec, state, *, checked=True):
+        if checked:
+            if _known_zero(state.a.count):  # never observed: nothing to invert
+                return state
+            return pc.refresh(state)
+        # nothing read on the host: a layer never observed keeps its cache, chosen on the device
+        new = pc.refresh(state, checked=False)
+        xp = namespace(count=state.a.count, where="kfac.refresh")
+        unseen = state.a.count == 0
+        keep = [(old if old is None else xp.where(unseen, old, value))
+                for old, value in zip(state[2:], new[2:])]
+        return new._replace(**dict(zip(KfacState._fields[2:], keep)))
 
     def apply(spec, state, grad_mat):
         # never observed: leave the gradient as it is. The tikhonov/pi caches start as identities,
-        # so that holds without looking at the counter (no host sync per layer and step); the
-        # exact mode's eigenbasis cache does not, and checks.
-        if damping_mode == "exact" and _known_zero(state.a.count):
-            return grad_mat
-        return pc.apply(state, grad_mat)
+        # so that holds as it is; the exact mode's eigenbasis cache does not, and the gradient is
+        # chosen on the device (no host read per layer and step)
+        out = pc.apply(state, grad_mat)
+        if damping_mode == "exact":
+            xp = namespace(grad_mat=grad_mat, count=state.a.count, where="kfac.apply")
+            out = xp.where(state.a.count == 0, grad_mat, out)
+        return out
 
     def curvature_dense(spec, state):
         return pc.to_dense(state)
@@ -687,6 +706,7 @@ def kfac_method(*, stat_decay: float = 0.95, damping: Any = 1e-3, damping_mode: 
         {"stat_decay": stat_decay, "damping": damping, "damping_mode": damping_mode,
          "kfac_approx": KFACType(kfac_approx).value, "loss_average": loss_average,
          "reduction_factor": reduction_factor},
+        refresh_can_fail=True,
     )
 
 
@@ -765,7 +785,8 @@ def singd_method(*, damping: float = 1e-3, alpha1: float = 0.5, lr_cov: Any = 1e
 
     return CurvatureMethod(
         "singd", init, input_statistics, grad_statistics, finalize, update,
-        lambda spec, state: pc.refresh(state), lambda spec, state, grad_mat: pc.apply(state, grad_mat),
+        lambda spec, state, *, checked=True: pc.refresh(state),  # reads nothing either way
+        lambda spec, state, grad_mat: pc.apply(state, grad_mat),
         curvature_dense, lambda spec, state: pc.to_dense(state), keys,
         lambda spec, state: True, lambda spec: True, lambda spec: False,
         lambda spec, state: {"H_K": _flat(namespace(K=state.K[0], where="singd"), state.K),

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import array_api_extra as xpx
 
+from maccore import _delegate
 from maccore._typing import Preconditioner
 from maccore._xp import (
     Array,
@@ -34,6 +35,7 @@ from maccore._xp import (
     check_damping,
     check_damping_range,
     check_decay,
+    check_flag,
     check_floating,
     check_ndim,
     check_positive_int,
@@ -137,15 +139,19 @@ def _finite(xp: Any, x: Array) -> bool:
         return True
 
 
-def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
+def damped_inverse(M: Array, damping: Any, *, name: str = "factor", checked: bool = True) -> Array:
     """``(M + λI)⁻¹`` of a symmetric PSD factor, symmetrised, in M's dtype (≥ float32).
 
-    Numerical policy: if the inverse fails or is non-finite in float32 it is retried in float64;
-    if that fails too a :class:`DecompositionError` names the factor.
+    Numerical policy (``checked=True``): if the inverse fails or is non-finite in float32 it is
+    retried in float64; if that fails too a :class:`DecompositionError` names the factor. Deciding
+    that reads the result on the host (a device synchronisation on GPUs). ``checked=False``: one
+    attempt, nothing read — an inverse that fails comes back as NaN (what an optimizer that
+    checks nothing, ``on_nonfinite=None``, runs on its refresh steps).
     """
     xp = namespace(M=M, where="damped_inverse", optional=())
     _check_factor(M, name, "damped_inverse")
-    check_damping(damping, "damping", "damped_inverse", pair=False)
+    check_flag(checked, "checked", "damped_inverse")
+    check_damping(damping, "damping", "damped_inverse", pair=False, read=checked)
     Ms = to_stats(xp, M)
     check_damping_range(xp, damping, Ms.dtype, "damping", "damped_inverse")
 
@@ -157,6 +163,9 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
         inv = (inv + xp.matrix_transpose(inv)) / 2
         return inv if _finite(xp, inv) else None
 
+    if not checked:
+        inv = _delegate.inverse_unchecked(xp, Ms + damping * _eye_like(xp, Ms))
+        return (inv + xp.matrix_transpose(inv)) / 2
     inv = attempt(Ms)
     if inv is None and Ms.dtype != xp.float64:
         inv64 = attempt(xp.astype(Ms, xp.float64))
@@ -174,15 +183,17 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor") -> Array:
     return inv
 
 
-def _eigh(xp: Any, M: Array, name: str) -> tuple[Array, Array]:
-    """Eigendecomposition with the float64 retry; negative round-off eigenvalues clamp to 0."""
+def _eigh(xp: Any, M: Array, name: str, checked: bool = True) -> tuple[Array, Array]:
+    """Eigendecomposition with the float64 retry; negative round-off eigenvalues clamp to 0.
+    ``checked=False``: the result's finiteness is not read (a decomposition that raises is still
+    retried; torch's own ``eigh`` reads its status on the host either way)."""
 
     def attempt(x):
         try:
             w, q = xp.linalg.eigh((x + xp.matrix_transpose(x)) / 2)
         except Exception:
             return None
-        return (w, q) if _finite(xp, w) and _finite(xp, q) else None
+        return (w, q) if not checked or (_finite(xp, w) and _finite(xp, q)) else None
 
     out = attempt(M)
     if out is None and M.dtype != xp.float64:
@@ -330,17 +341,18 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov",
                 )
         return state._replace(a=ema_update(state.a, A, decay=decay), g=ema_update(state.g, G, decay=decay))
 
-    def refresh(state: KfacState) -> KfacState:
+    def refresh(state: KfacState, *, checked: bool = True) -> KfacState:
         _check_state(state, "kfac.refresh")
         xp = namespace(a=state.a.value, where="kfac.refresh")
         A = ema_debiased(state.a, decay=decay)
         G = ema_debiased(state.g, decay=decay)
         if mode == "exact":
-            wa, qa = _eigh(xp, A, "A")
-            wg, qg = _eigh(xp, G, "G")
+            wa, qa = _eigh(xp, A, "A", checked)
+            wg, qg = _eigh(xp, G, "G", checked)
             return state._replace(a_inv=qa, g_inv=qg, a_evals=wa, g_evals=wg)
         la, lg = _split_damping(xp, A, G, damping, mode)
-        return state._replace(a_inv=damped_inverse(A, la, name="A"), g_inv=damped_inverse(G, lg, name="G"))
+        return state._replace(a_inv=damped_inverse(A, la, name="A", checked=checked),
+                              g_inv=damped_inverse(G, lg, name="G", checked=checked))
 
     def apply(state: KfacState, grad_mat: Array) -> Array:
         _check_state(state, "kfac.apply")

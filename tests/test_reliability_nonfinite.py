@@ -203,6 +203,14 @@ def test_grad_scaler_overflow_step_leaves_no_statistics(method):
 
 
 # ---- failed decompositions -----------------------------------------------------------------------
+def _singular_inv_ex(real, dtype):
+    """``torch.linalg.inv_ex`` reporting every ``dtype`` matrix singular (status 1)."""
+    def inv_ex(x, *, check_errors=False):
+        inv, info = real(x, check_errors=check_errors)
+        return inv, (torch.ones_like(info) if x.dtype == dtype else info)
+    return inv_ex
+
+
 def test_torch_failed_inverse_names_the_layer_and_changes_nothing(monkeypatch):
     torch.manual_seed(3)
     model = SmallCNN()
@@ -215,6 +223,9 @@ def test_torch_failed_inverse_names_the_layer_and_changes_nothing(monkeypatch):
     def broken(x):
         raise RuntimeError("linalg.inv: singular (simulated)")
 
+    # the step's first, unchecked attempt (torch.linalg.inv_ex) reports every factor singular;
+    # the checked retry (linalg.inv, float32 then float64) fails too
+    monkeypatch.setattr(torch.linalg, "inv_ex", _singular_inv_ex(torch.linalg.inv_ex, torch.float32))
     monkeypatch.setattr(xp.linalg, "inv", broken)
     x, y = _digits_batch(seed=5)
     opt.zero_grad()
@@ -247,6 +258,7 @@ def test_torch_float64_retry_is_used_by_the_adapter(monkeypatch):
         calls["f64"] += 1
         return real(x)
 
+    monkeypatch.setattr(torch.linalg, "inv_ex", _singular_inv_ex(torch.linalg.inv_ex, torch.float32))
     monkeypatch.setattr(xp.linalg, "inv", only_f64)
     _good_step(model, opt, 0)
     assert calls["f32"] == calls["f64"] == 2 * len(opt.preconditioner.layers)

@@ -606,8 +606,8 @@ def test_grad_stats_scale_with_loss_flag_and_data_parallel_grad_scale():
         with pytest.raises(TypeError, match="world_size"):
             engine.data_parallel_grad_scale(smac, bad)
     # a method built by hand (the NamedTuple's default): invariant, nothing to rescale
-    hand = engine.CurvatureMethod(*smac[:-1])
-    assert hand.grad_stats_scale_with_loss is False
+    hand = engine.CurvatureMethod(*smac[:-2])
+    assert hand.grad_stats_scale_with_loss is False and hand.refresh_can_fail is False
     assert engine.data_parallel_grad_scale(hand, 4, 2.0) == 2.0
 
 
@@ -811,3 +811,41 @@ def test_apply_gain_bound_holds(scale, heads):
     first = engine.with_first_layer(state, np.eye(d_in + 1)) if heads is None else None
     if first is not None:
         assert engine.apply_gain_bound(method, spec, first) is None
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unchecked_refresh_matches_the_checked_one(xp, dtype, name):
+    """``refresh(..., checked=False)`` (nothing read on the host) builds the checked refresh's
+    state bit for bit, for a layer observed once and for one never observed (KFAC keeps its
+    initial cache then, chosen on the device); the exact mode's ``apply`` leaves a never-observed
+    layer's gradient as it is; only KFAC declares a refresh that can fail."""
+    method = METHODS[name]()
+    rng = np.random.default_rng(11)
+    x = asarray(xp, rng.standard_normal((6, 4)), dtype)
+    g = asarray(xp, rng.standard_normal((6, 3)), dtype)
+    fresh = method.init(LIN, xp=xp, dtype=dtype)
+    seen = _cycle(method, LIN, xp, dtype, [x], [g])[0]
+    for state in (fresh, seen):
+        got = method.refresh(LIN, state, checked=False)
+        want = method.refresh(LIN, state)
+        for a, b in zip(_leaves(got), _leaves(want)):
+            assert np.array_equal(to_numpy(a), to_numpy(b), equal_nan=True)
+    assert method.refresh_can_fail is name.startswith("kfac")
+    if name == "kfac-exact":
+        grad = asarray(xp, rng.standard_normal((3, 5)), dtype)
+        assert np.array_equal(to_numpy(method.apply(LIN, fresh, grad)), to_numpy(grad))
+        assert not np.array_equal(to_numpy(method.apply(LIN, method.refresh(LIN, seen), grad)),
+                                  to_numpy(grad))
+
+
+def _leaves(state):
+    """The arrays of a (nested) NamedTuple state, in order."""
+    out = []
+    for v in state:
+        if v is None:
+            continue
+        if isinstance(v, tuple):
+            out += _leaves(v)
+        else:
+            out.append(v)
+    return out

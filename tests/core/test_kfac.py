@@ -65,6 +65,28 @@ def test_damped_inverse(xp, dtype, seed, d, lam, rank):
     assert_close(I, np.linalg.inv(M_np + lam * np.eye(d)), **tol(xp, dtype, 4))
 
 
+def test_damped_inverse_unchecked(xp, dtype):
+    """``checked=False``: the checked result where the inverse exists (bit for bit, nothing
+    retried); a non-finite result where it does not (NaN; JAX's own infinities), instead of the
+    float64 retry and the error; a bool flag."""
+    rng = np.random.default_rng(5)
+    M = asarray(xp, spd(rng, 4, rank=2), dtype)
+    for lam in (1e-3, 0.5):
+        assert np.array_equal(to_numpy(mc.damped_inverse(M, lam, checked=False)),
+                              to_numpy(mc.damped_inverse(M, lam)))
+    singular = asarray(xp, np.diag([-0.5, 1.0]), dtype)  # M + 0.5 I has a zero pivot
+    out = to_numpy(mc.damped_inverse(singular, 0.5, checked=False))
+    assert not np.isfinite(out).all()
+    with pytest.raises(mc.DecompositionError, match=r"could not invert factor of shape \[2, 2\]"):
+        mc.damped_inverse(singular, 0.5)
+    nan = asarray(xp, np.array([[1.0, np.nan], [np.nan, 1.0]]), dtype)
+    assert not np.isfinite(to_numpy(mc.damped_inverse(nan, 0.1, checked=False))).any()
+    with pytest.raises(TypeError, match="checked"):
+        mc.damped_inverse(M, 0.1, checked=1)
+    assert_close(to_numpy(mc.damped_inverse(M, 0.5, checked=False)),
+                 np.linalg.inv(to_numpy(M).astype(np.float64) + 0.5 * np.eye(4)), **tol(xp, dtype, 4))
+
+
 def test_damped_inverse_rejects_nan(xp, dtype):
     M = asarray(xp, np.array([[1.0, np.nan], [np.nan, 1.0]]), dtype)
     with pytest.raises(mc.DecompositionError, match=r"could not invert G of shape \[2, 2\]"):
@@ -130,6 +152,10 @@ def test_preconditioner_contract(xp, dtype, seed, d_out, d_t, lam, mode, k, deca
     s = pc.refresh(s)
     s2 = pc.refresh(s)
     for a, b in zip(s, s2):
+        if a is not None and not isinstance(a, tuple):
+            assert np.array_equal(to_numpy(a), to_numpy(b))
+    # the unchecked refresh (nothing read on the host) builds the same cache, bit for bit
+    for a, b in zip(s, pc.refresh(s, checked=False)):
         if a is not None and not isinstance(a, tuple):
             assert np.array_equal(to_numpy(a), to_numpy(b))
     w = np.array([(1 - decay) * decay ** (k - i) for i in range(1, k + 1)]) / (1 - decay**k)
