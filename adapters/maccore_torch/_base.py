@@ -478,13 +478,18 @@ class HookedPreconditioner:
                 # nothing read on the host per layer: what does not invert comes out non-finite;
                 # checked steps then read all the new caches at once (one host sync) and redo the
                 # layers that failed with the retry policy (float64, DecompositionError)
-                before = list(states)
+                before, failed = list(states), set()
                 for i, layer in enumerate(self.layers):
                     with _layer_errors(self.method, layer):
-                        states[i] = method.refresh(layer.spec, states[i], checked=False)
+                        try:
+                            states[i] = method.refresh(layer.spec, states[i], checked=False)
+                        except maccore.DecompositionError:  # raised even unchecked (torch's eigh)
+                            if self.on_nonfinite is None:
+                                raise
+                            failed.add(i)
                         changed.add(i)
                 if self.on_nonfinite is not None and method.refresh_can_fail:
-                    self._retry_refresh(before, states)
+                    self._retry_refresh(before, states, failed)
         except Exception:  # a failed update / refresh leaves every layer as it was before the step
             self._discard()
             raise
@@ -493,21 +498,22 @@ class HookedPreconditioner:
                 self._precondition(layer, state)
         return _Pending(self.layers, states, updates, changed, check, raw)
 
-    def _retry_refresh(self, before: list, states: list) -> None:
+    def _retry_refresh(self, before: list, states: list, failed: set) -> None:
         """After an unchecked refresh of every layer (``before``: the states it started from,
-        ``states``: the refreshed ones, replaced here where redone): one finiteness check of all
-        the arrays the refresh made; where one is not finite, that layer's refresh runs again
-        checked. A state that is itself not finite cannot be decomposed: that is a non-finite
-        step (skipped by the caller's check), not an error."""
+        ``states``: the refreshed ones, replaced here where redone; ``failed``: the layers whose
+        unchecked refresh raised): one finiteness check of all the arrays the refresh made; where
+        one is not finite, or the refresh raised, that layer's refresh runs again checked. A
+        state that is itself not finite cannot be decomposed: that is a non-finite step (skipped
+        by the caller's check: the layer keeps ``before``), not an error."""
         def made(old: Any, new: Any) -> list:
             was = maccore.checkpoint.flatten_state(old)[0]
             return [v for k, v in maccore.checkpoint.flatten_state(new)[0].items() if was.get(k) is not v]
 
-        if all_finite([v for old, new in zip(before, states) for v in made(old, new)]):
+        if not failed and all_finite([v for old, new in zip(before, states) for v in made(old, new)]):
             return
         method = self.curvature
         for i, layer in enumerate(self.layers):
-            if all_finite(made(before[i], states[i])):
+            if i not in failed and all_finite(made(before[i], states[i])):
                 continue
             with _layer_errors(self.method, layer):
                 try:
