@@ -39,6 +39,11 @@ def _fused_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return found == 0
 
 
+# Tensors with fewer elements are concatenated per device and dtype for one reduction by
+# :func:`max_abs`; larger ones are reduced where they live.
+_TINY = 1 << 12
+
+
 def max_abs(tensors: list) -> dict | None:
     """``{(device, dtype): max |x|}`` over the floating tensors of ``tensors`` (``None`` skipped;
     NaN where one holds a NaN, ``inf`` where one holds an Inf), read-only (nothing written into
@@ -55,11 +60,15 @@ def max_abs(tensors: list) -> dict | None:
     with torch.no_grad():
         try:
             for key, ts in groups.items():
-                # one aminmax per tensor: in the running step, right after the backward pass,
-                # cheaper than concatenating the small ones first (the 8 gradients of the
-                # benchmarks' CNN: 190 → 145 µs for the whole call) or than foreach |·| and max
-                # kernels (which write a copy), and every tensor is read once where it lives
-                ext = [v for t in ts if t.numel() for v in torch.aminmax(t)]
+                # one aminmax per tensor, except that the tiny ones are concatenated first
+                # (copying them costs less than a reduction call each). Measured in the running
+                # step, right after the backward pass (old threshold 65536 → 4096 elements):
+                # the benchmarks' CNN (8 gradients) 184 → 137 µs, ViT (31) 224 → 186 µs, a
+                # 34-layer MLP of width 64 (68) 297 → 265 µs
+                tiny = [t.reshape(-1) for t in ts if 0 < t.numel() < _TINY]
+                ext = [v for t in ts if t.numel() >= _TINY for v in torch.aminmax(t)]
+                if tiny:
+                    ext += torch.aminmax(torch.cat(tiny) if len(tiny) > 1 else tiny[0])
                 if ext:
                     out[key] = torch.stack(ext).abs().amax()
             if len(out) == 1:

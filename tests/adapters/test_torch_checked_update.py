@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import maccore_torch as mt  # noqa: E402
+from maccore_torch import numerics  # noqa: E402
 from maccore_torch import optimizer as opt_mod  # noqa: E402
 from maccore import engine as maccore_engine  # noqa: E402
 
@@ -175,10 +176,10 @@ def test_growth_bounds_every_intermediate():
 
 
 def test_max_abs_per_dtype_with_nan_and_inf():
-    """``_max_abs``: the exact largest magnitude per dtype over tensors of any size (empty ones
-    ignored); NaN and Inf reported."""
+    """``_max_abs``: the exact largest magnitude per dtype, tiny tensors pooled, larger ones
+    reduced where they live (empty ones ignored); NaN and Inf reported."""
     small = [torch.tensor([1.0, -3.0]), torch.tensor([2.5])]
-    large = torch.zeros(1 << 17)
+    large = torch.zeros(numerics._TINY + 1)
     large[7] = -4.5
     d64 = torch.tensor([-7.0], dtype=torch.float64)
     got = opt_mod._max_abs(small + [large, d64, torch.zeros(0)])
