@@ -145,8 +145,9 @@ def damped_inverse(M: Array, damping: Any, *, name: str = "factor", checked: boo
     Numerical policy (``checked=True``): if the inverse fails or is non-finite in float32 it is
     retried in float64; if that fails too a :class:`DecompositionError` names the factor. Deciding
     that reads the result on the host (a device synchronisation on GPUs). ``checked=False``: one
-    attempt, nothing read — an inverse that fails comes back as NaN (what an optimizer that
-    checks nothing, ``on_nonfinite=None``, runs on its refresh steps).
+    attempt, nothing read — an inverse that does not exist comes back non-finite (NaN), to be
+    caught by whatever checks the result later (the torch optimizers read all the inverses of a
+    refresh at once, and redo the failures checked).
     """
     xp = namespace(M=M, where="damped_inverse", optional=())
     _check_factor(M, name, "damped_inverse")
@@ -295,7 +296,8 @@ def kfac(*, decay: float = 0.95, damping: Any = 1e-3, mode: str = "tikhonov",
     ``init(d_tilde, d_out, *, xp, dtype=None, device=None)``;
     ``update(state, rows=None, grad_rows=None, *, reduction_factor=None, A=None, G=None)``
     folds one batch's factors (from rows, or precomputed) into the EMAs;
-    ``refresh`` debiases the EMAs and rebuilds the inverses/eigenbases; ``apply(state, grad_mat)``;
+    ``refresh(state, *, checked=True)`` debiases the EMAs and rebuilds the inverses/eigenbases
+    (``checked=False``: nothing read on the host, :func:`damped_inverse`); ``apply(state, grad_mat)``;
     ``to_dense(state)`` is the damped dense curvature whose inverse ``apply`` multiplies with.
     ``stat_decay`` / ``damping_mode`` are the adapters' names for ``decay`` / ``mode``.
     """
