@@ -505,21 +505,21 @@ class HookedPreconditioner:
         one is not finite, or the refresh raised, that layer's refresh runs again checked. A
         state that is itself not finite cannot be decomposed: that is a non-finite step (skipped
         by the caller's check: the layer keeps ``before``), not an error."""
-        def made(old: Any, new: Any) -> list:
-            was = maccore.checkpoint.flatten_state(old)[0]
-            return [v for k, v in maccore.checkpoint.flatten_state(new)[0].items() if was.get(k) is not v]
-
-        if not failed and all_finite([v for old, new in zip(before, states) for v in made(old, new)]):
+        made = []  # per layer: the tensors the refresh made (not carried over from ``before``)
+        for old, new in zip(before, states):
+            was = {id(t) for t in _leaves(old)}
+            made.append([t for t in _leaves(new) if id(t) not in was])
+        if not failed and all_finite([t for ts in made for t in ts]):
             return
         method = self.curvature
         for i, layer in enumerate(self.layers):
-            if i not in failed and all_finite(made(before[i], states[i])):
+            if i not in failed and all_finite(made[i]):
                 continue
             with _layer_errors(self.method, layer):
                 try:
                     states[i] = method.refresh(layer.spec, before[i])
                 except maccore.DecompositionError:
-                    if all_finite(list(maccore.checkpoint.flatten_state(before[i])[0].values())):
+                    if all_finite(_leaves(before[i])):
                         raise
 
     def _commit(self, pending: _Pending) -> None:
@@ -545,9 +545,8 @@ class HookedPreconditioner:
         that depend on the state, as SINGD's)."""
         bad = []
         for layer, st in zip(self.layers, stats):
-            state = list(maccore.checkpoint.flatten_state(layer.state)[0].values())
             grads = [layer.weight.grad, None if layer.bias is None else layer.bias.grad]
-            if not all_finite(state) or (all_finite(grads) and not all_finite(list(st.values()))):
+            if not all_finite(_leaves(layer.state)) or (all_finite(grads) and not all_finite(list(st.values()))):
                 bad.append(layer)
         return bad
 
